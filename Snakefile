@@ -1,0 +1,22 @@
+# scd-pipeline workflow: every rule runs one `scd-pipeline <stage>`; all logic lives in the package.
+#   snakemake --cores all                                  # demo task, embedded SmolLM2
+#   snakemake --cores all --config task=smdis              # any task / model / k / method list
+#   snakemake --profile workflow/profiles/slurm            # same DAG on SLURM
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/models.smk"
+include: "workflow/rules/data.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        DATA_FILES,
+        MODELS + "/student_base",

@@ -1,0 +1,38 @@
+"""Shared fixtures: the repository root, the shared JMED-LLM files, a tiny byte-level tokenizer."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_JMED = REPO_ROOT.parent / "shared" / "data" / "jmed-llm"
+
+# Tests never reach a hub; keep CPU runs small and repeatable.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def jmed_root() -> Path:
+    if not SHARED_JMED.is_dir():
+        pytest.skip(f"shared JMED-LLM files not found at {SHARED_JMED}")
+    return SHARED_JMED
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> Path:
+    """A saved byte-level tokenizer (259 tokens, ChatML template) usable as --tokenizer."""
+    from scd_pipeline.tiny import byte_level_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny_tokenizer")
+    byte_level_tokenizer().save_pretrained(path)
+    return path

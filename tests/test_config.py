@@ -1,0 +1,79 @@
+"""The one config: defaults load, overrides apply, and bad keys fail with the key path and type."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from scd_pipeline.cli import app
+from scd_pipeline.config import load_config, parse_assignment, validate_config, write_effective_config
+from scd_pipeline.errors import ConfigError
+
+
+def test_defaults_validate_and_hold_every_stage_section():
+    config = load_config()
+    assert config["task"] == "demo"
+    assert {"data", "models", "sft", "evaluate", "cache"} <= set(config)
+    assert config["models"]["student"]["keep_every"] == 4
+
+
+def test_dotted_overrides_replace_defaults():
+    config = load_config(overrides={"data.max_length": 256, "models.student.keep_layers": [0, 2]})
+    assert config["data"]["max_length"] == 256
+    assert config["models"]["student"]["keep_layers"] == [0, 2]
+
+
+def test_user_file_merges_onto_defaults(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("task: smdis\ndata:\n  balance: undersample\n")
+    config = load_config(path)
+    assert config["task"] == "smdis" and config["data"]["balance"] == "undersample"
+    assert config["data"]["max_length"] == load_config()["data"]["max_length"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"data.max_length": "long"}, "config key data.max_length: expected an integer, got 'long'"),
+        ({"data.colour": 1}, "config key data.colour: unknown key"),
+        ({"modls": {}}, "config key modls: unknown key"),
+        ({"models.student.keep_every": 1.5}, "config key models.student.keep_every: expected an integer or null"),
+        ({"task": "unknown"}, "config key task: 'unknown' is not one of"),
+        ({"sft.teacher.n_checkpoints": 0}, "config key sft.teacher.n_checkpoints:"),
+    ],
+)
+def test_schema_errors_name_the_key_path_and_expected_type(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=overrides)
+    assert str(info.value).startswith(message)
+    assert "\n" not in str(info.value)
+
+
+def test_parse_assignment_reads_yaml_values():
+    assert parse_assignment("data.max_length=128") == ("data.max_length", 128)
+    assert parse_assignment("models.student.keep_layers=[0, 4]") == ("models.student.keep_layers", [0, 4])
+    assert parse_assignment("data.max_train_samples=null") == ("data.max_train_samples", None)
+    with pytest.raises(ConfigError):
+        parse_assignment("data.max_length")
+
+
+def test_effective_config_is_written_and_round_trips(tmp_path):
+    config = load_config(overrides={"seed": 7})
+    written = write_effective_config(config, tmp_path, "prepare-data")
+    assert written.name == "prepare-data.config.yaml"
+    assert validate_config(yaml.safe_load(written.read_text())) == config
+
+
+def test_cli_reports_a_bad_override_in_one_line():
+    result = CliRunner().invoke(app, ["prepare-data", "--set", "data.max_length=abc"])
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines == ["error: config key data.max_length: expected an integer, got 'abc'"]
+
+
+def test_cli_help_lists_the_stages():
+    result = CliRunner().invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("prepare-data", "prepare-model"):
+        assert command in result.output
