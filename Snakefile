@@ -2,12 +2,15 @@
 #   snakemake --cores all                                  # demo task, embedded SmolLM2
 #   snakemake --cores all --config task=smdis              # any task / model / k / method list
 #   snakemake --profile workflow/profiles/slurm            # same DAG on SLURM
+import os
+
 from snakemake.utils import min_version
 
 min_version("9.0")
 
 
-configfile: "config.yaml"
+# Defaults beside this Snakefile, so `snakemake -d OTHER_DIR` works; --configfile/--config override.
+configfile: os.path.join(workflow.basedir, "config.yaml")
 
 
 include: "workflow/rules/common.smk"
