@@ -16,10 +16,13 @@ configfile: os.path.join(workflow.basedir, "config.yaml")
 include: "workflow/rules/common.smk"
 include: "workflow/rules/models.smk"
 include: "workflow/rules/data.smk"
+include: "workflow/rules/sft.smk"
+include: "workflow/rules/cache.smk"
+include: "workflow/rules/distill.smk"
+include: "workflow/rules/evaluate.smk"
 
 
 rule all:
     default_target: True
     input:
-        DATA_FILES,
-        MODELS + "/student_base",
+        REPORT_FILES,

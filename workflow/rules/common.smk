@@ -1,5 +1,6 @@
 # Helpers shared by the rules: config validation, the effective config file, paths.
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -11,6 +12,7 @@ TASK = config["task"]
 RESULTS = config["results_dir"]
 TASK_DIR = f"{RESULTS}/{TASK}"
 MODELS = f"{RESULTS}/models"
+GPUS = config["resources"]["gpus"]
 # The scd-pipeline beside the Python that runs Snakemake (the project's venv), else the one on PATH.
 _local_cli = Path(sys.executable).parent / "scd-pipeline"
 SCD = str(_local_cli) if _local_cli.exists() else "scd-pipeline"

@@ -1,0 +1,47 @@
+# Stage: teacher SFT with N dense checkpoints, and the SFT student (baseline + AW anchor).
+
+CHECKPOINTS = list(range(1, config["sft"]["teacher"]["n_checkpoints"] + 1))
+TEACHER_CKPTS = expand(TASK_DIR + "/teacher/ckpt-{k}", k=CHECKPOINTS)
+
+
+rule sft_teacher:
+    input:
+        DATA_FILES,
+        MODELS + "/teacher_base",
+    output:
+        ckpts=[directory(path) for path in TEACHER_CKPTS],
+        index=TASK_DIR + "/teacher/checkpoints.json",
+    params:
+        settings=settings("seed", "sft"),
+    log:
+        TASK_DIR + "/logs/sft_teacher.log",
+    benchmark:
+        TASK_DIR + "/benchmarks/sft_teacher.tsv"
+    threads: 4
+    resources:
+        mem_mb=16000,
+        runtime=480,
+        gpu=GPUS,
+    shell:
+        "OMP_NUM_THREADS={threads} {SCD} sft --role teacher --config {CONFIG_FILE} > {log} 2>&1"
+
+
+rule sft_student:
+    input:
+        DATA_FILES,
+        MODELS + "/student_base",
+    output:
+        directory(TASK_DIR + "/student_sft"),
+    params:
+        settings=settings("seed", "sft"),
+    log:
+        TASK_DIR + "/logs/sft_student.log",
+    benchmark:
+        TASK_DIR + "/benchmarks/sft_student.tsv"
+    threads: 4
+    resources:
+        mem_mb=16000,
+        runtime=480,
+        gpu=GPUS,
+    shell:
+        "OMP_NUM_THREADS={threads} {SCD} sft --role student --config {CONFIG_FILE} > {log} 2>&1"
