@@ -13,6 +13,8 @@ rule cache_logits:
         meta=TASK_DIR + "/logits/ckpt-{k}.meta.json",
     params:
         settings=settings("cache"),
+    conda:
+        CONDA_ENV
     log:
         TASK_DIR + "/logs/cache_logits_{k}.log",
     benchmark:
@@ -37,6 +39,8 @@ rule estimate_subdomains:
         summary=TASK_DIR + "/subdomains.json",
     params:
         settings=settings("subdomains", "cache"),
+    conda:
+        CONDA_ENV
     log:
         TASK_DIR + "/logs/estimate_subdomains.log",
     benchmark:

@@ -1,5 +1,6 @@
 # Helpers shared by the rules: config validation, the effective config file, paths.
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -13,9 +14,24 @@ RESULTS = config["results_dir"]
 TASK_DIR = f"{RESULTS}/{TASK}"
 MODELS = f"{RESULTS}/models"
 GPUS = config["resources"]["gpus"]
-# The scd-pipeline beside the Python that runs Snakemake (the project's venv), else the one on PATH.
-_local_cli = Path(sys.executable).parent / "scd-pipeline"
-SCD = str(_local_cli) if _local_cli.exists() else "scd-pipeline"
+CONDA_ENV = os.path.join(workflow.basedir, "envs", "scd-pipeline.yaml")
+
+
+def _scd_command() -> str:
+    """How rules call the package.
+
+    With --sdm conda, rules run in envs/scd-pipeline.yaml and use this checkout's package;
+    otherwise the scd-pipeline beside the Python running Snakemake (the project's .venv), else PATH.
+    """
+    from snakemake.settings.types import DeploymentMethod
+
+    if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method:
+        return f"PYTHONPATH={workflow.basedir}${{PYTHONPATH:+:$PYTHONPATH}} python -m scd_pipeline"
+    local_cli = Path(sys.executable).parent / "scd-pipeline"
+    return str(local_cli) if local_cli.exists() else "scd-pipeline"
+
+
+SCD = _scd_command()
 
 
 def _write_effective_config() -> str:

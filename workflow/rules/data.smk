@@ -12,6 +12,8 @@ rule prepare_data:
         DATA_FILES,
     params:
         settings=settings("task", "seed", "data"),
+    conda:
+        CONDA_ENV
     log:
         TASK_DIR + "/logs/prepare_data.log",
     benchmark:

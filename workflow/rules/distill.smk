@@ -22,6 +22,8 @@ rule distill:
         method="|".join(re.escape(m) for m in METHODS),
     params:
         settings=settings("seed", "distill", "subdomains", "cache.temperature"),
+    conda:
+        CONDA_ENV
     log:
         TASK_DIR + "/logs/distill_{method}.log",
     benchmark:

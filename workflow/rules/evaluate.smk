@@ -30,6 +30,8 @@ rule evaluate:
         name="|".join(re.escape(n) for n in EVAL_NAMES),
     params:
         settings=settings("evaluate"),
+    conda:
+        CONDA_ENV
     log:
         TASK_DIR + "/logs/evaluate_{name}.log",
     benchmark:
@@ -57,6 +59,8 @@ rule report:
         REPORT_FILES,
     params:
         settings=settings("distill.methods"),
+    conda:
+        CONDA_ENV
     log:
         TASK_DIR + "/logs/report.log",
     benchmark:

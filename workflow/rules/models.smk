@@ -6,6 +6,8 @@ rule prepare_model_teacher:
         directory(MODELS + "/teacher_base"),
     params:
         settings=settings("models.teacher", "models.tiny"),
+    conda:
+        CONDA_ENV
     log:
         RESULTS + "/logs/prepare_model_teacher.log",
     benchmark:
@@ -25,6 +27,8 @@ rule prepare_model_student:
         directory(MODELS + "/student_base"),
     params:
         settings=settings("models.student", "models.tiny"),
+    conda:
+        CONDA_ENV
     log:
         RESULTS + "/logs/prepare_model_student.log",
     benchmark:

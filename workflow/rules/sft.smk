@@ -13,6 +13,8 @@ rule sft_teacher:
         index=TASK_DIR + "/teacher/checkpoints.json",
     params:
         settings=settings("seed", "sft"),
+    conda:
+        CONDA_ENV
     log:
         TASK_DIR + "/logs/sft_teacher.log",
     benchmark:
@@ -34,6 +36,8 @@ rule sft_student:
         directory(TASK_DIR + "/student_sft"),
     params:
         settings=settings("seed", "sft"),
+    conda:
+        CONDA_ENV
     log:
         TASK_DIR + "/logs/sft_student.log",
     benchmark:
