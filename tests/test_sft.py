@@ -1,0 +1,239 @@
+"""SFT: schedule and plan, completion-only loss, dense checkpoints, resume after a kill, LoRA student."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_evaluate import one_torch_thread, tiny_config, write_choice_task  # noqa: F401 (fixture)
+
+from scd_pipeline import sft as sft_module
+from scd_pipeline.batching import frame_batch
+from scd_pipeline.errors import ConfigError
+from scd_pipeline.evaluate import load_model_or_adapter, mean_gold_nll, predict_split
+from scd_pipeline.sft import backward_step, best_checkpoint_index, run_sft, sft_paths
+from scd_pipeline.tiny import byte_level_tokenizer, tiny_llama
+from scd_pipeline.training import (
+    CompletionLM,
+    checkpoint_steps,
+    cosine_schedule,
+    cosine_warmup_factor,
+    make_accelerator,
+    read_resume_progress,
+    training_plan,
+)
+
+# 16 training rows, 4 per micro-batch, 2 epochs -> 8 optimizer steps; 4 checkpoints -> steps 2, 4, 6, 8.
+TEACHER_SETTINGS = {"sft.batch_size": 4, "sft.teacher.epochs": 2, "sft.teacher.n_checkpoints": 4,
+                    "sft.teacher.lr": 1e-2, "sft.log_every": 1, "sft.resume_every_minutes": 60,
+                    "evaluate.batch_size": 8}
+
+
+def _weights(directory) -> dict[str, torch.Tensor]:
+    return load_file(str(directory / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory):
+    """One uninterrupted teacher run, the reference for the other tests."""
+    results = write_choice_task(tmp_path_factory.mktemp("uninterrupted"))
+    config = tiny_config(results, **TEACHER_SETTINGS)
+    out = run_sft(config, "teacher")
+    return config, out
+
+
+def test_cosine_warmup_factor_by_hand():
+    # 10 steps, 2 warm-up: 1/2, 1, then 0.5 * (1 + cos(pi * (s - 2) / 8))
+    factors = [cosine_warmup_factor(s, 10, 2) for s in range(10)]
+    assert factors[:3] == [0.5, 1.0, 1.0]
+    assert factors[6] == pytest.approx(0.5)
+    assert factors[9] == pytest.approx(0.5 * (1 + math.cos(math.pi * 7 / 8)))
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    scheduler = cosine_schedule(optimizer, total_steps=10, warmup_ratio=0.2)
+    seen = []
+    for _ in range(10):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert seen == pytest.approx([0.1 * f for f in factors])
+
+
+def test_checkpoint_steps_are_evenly_spaced_and_end_at_the_last_step():
+    assert checkpoint_steps(16, 8) == [2, 4, 6, 8, 10, 12, 14, 16]
+    assert checkpoint_steps(10, 4) == [2, 5, 7, 10]
+    assert checkpoint_steps(5, 1) == [5]
+    with pytest.raises(ConfigError, match="sft.teacher.n_checkpoints: 4 checkpoints"):
+        checkpoint_steps(3, 4)
+
+
+def test_training_plan_covers_each_row_once_per_epoch_and_stops_at_fractional_epochs():
+    lengths = [5, 9, 3, 7, 1, 8, 2, 6, 4, 10]
+    # 10 rows / 3 per micro-batch -> 4 micro-batches -> 2 steps of 2 micro-batches per epoch
+    plan = training_plan(lengths, batch_size=3, micro_per_step=2, epochs=1.5, seed=0)
+    assert [step.epoch for step in plan] == [0.5, 1.0, 1.5]
+    first_epoch = [row for step in plan[:2] for batch in step.micro_batches for row in batch]
+    assert sorted(first_epoch) == list(range(10))
+    assert plan == training_plan(lengths, 3, 2, 1.5, seed=0)
+    assert plan != training_plan(lengths, 3, 2, 1.5, seed=1)
+
+
+def test_best_checkpoint_is_the_best_metric_with_ties_to_the_later_step():
+    records = [{"index": i + 1, "step": 10 * (i + 1), "val_metric": m}
+               for i, m in enumerate([0.5, 0.7, 0.7, None])]
+    assert best_checkpoint_index(records) == 3
+
+
+def test_loss_is_the_weighted_completion_nll_and_accumulation_splits_it_exactly(tmp_path):
+    results = write_choice_task(tmp_path, sizes=(4, 1, 1))
+    frame = pd.read_parquet(results / "demo" / "data" / "train.parquet")
+    frame["weight"] = [1.0, 2.0, 0.5, 1.5]
+    tokenizer = byte_level_tokenizer()
+    accelerator = make_accelerator("fp32")
+
+    def step_gradients(micro_batches):
+        model = tiny_llama(tokenizer, seed=4).train()
+        loss, _ = backward_step(CompletionLM(model), frame, micro_batches, float(frame["weight"].sum()),
+                                tokenizer.pad_token_id, accelerator)
+        return loss, model, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    loss, model, whole = step_gradients([[0, 1, 2, 3]])
+    split_loss, _, split = step_gradients([[0, 1], [2, 3]])
+
+    # dense reference: full logits, cross-entropy at completion positions only, mean per sample,
+    # then weighted by the weight column
+    batch = frame_batch(frame, [0, 1, 2, 3], tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    per_sample = []
+    for row in range(4):
+        positions = batch.predict_mask[row].nonzero().squeeze(1)
+        targets = torch.tensor(list(frame["completion_ids"].iat[row]))
+        per_sample.append(torch.nn.functional.cross_entropy(logits[row, positions], targets).item())
+    expected = sum(w * nll for w, nll in zip(frame["weight"], per_sample, strict=True)) / frame["weight"].sum()
+    assert loss == pytest.approx(expected, rel=1e-5)
+    assert split_loss == pytest.approx(expected, rel=1e-5)
+    for name, grad in whole.items():
+        torch.testing.assert_close(split[name], grad, rtol=1e-5, atol=1e-7)
+
+
+def test_teacher_run_writes_evenly_spaced_checkpoints_with_their_validation(teacher_run):
+    config, out = teacher_run
+    record_file = json.loads((out / "checkpoints.json").read_text())
+    records = record_file["checkpoints"]
+
+    assert sorted(p.name for p in out.glob("ckpt-*")) == ["ckpt-1", "ckpt-2", "ckpt-3", "ckpt-4"]
+    assert [(r["index"], r["path"], r["step"], r["epoch"]) for r in records] == [
+        (1, "ckpt-1", 2, 0.5), (2, "ckpt-2", 4, 1.0), (3, "ckpt-3", 6, 1.5), (4, "ckpt-4", 8, 2.0)]
+    assert set(records[0]) == {"index", "path", "step", "epoch", "train_loss", "val_loss", "val_metric", "best"}
+    assert record_file["metric"] == "accuracy"
+    assert [r["best"] for r in records].count(True) == 1
+    assert record_file["best_index"] == best_checkpoint_index(records)
+    assert records[-1]["train_loss"] < records[0]["train_loss"]  # it learns
+
+    # weights only (no optimizer state), loadable, and the recorded validation is reproducible
+    files = {p.name for p in (out / "ckpt-2").iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= files
+    assert not [name for name in files if name.endswith((".bin", ".pkl", ".pt"))]
+    model, tokenizer = load_model_or_adapter(out / "ckpt-2")
+    val = pd.read_parquet(out.parent / "data" / "val.parquet")
+    predictions = predict_split(model, tokenizer, val, 8, 8)
+    assert records[1]["val_loss"] == pytest.approx(mean_gold_nll(predictions), rel=1e-5)
+    assert records[1]["val_metric"] == pytest.approx((predictions["prediction"] == predictions["gold"]).mean())
+
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in log if "event" not in line] == list(range(1, 9))
+    assert {"loss", "lr", "tokens_per_s", "epoch"} <= set(log[0])
+    # cosine with one warm-up step (ceil(0.1 * 8)): the 8th update runs at 0.5 * (1 + cos(6 pi / 7)) * peak
+    assert log[0]["lr"] == pytest.approx(1e-2)
+    assert [line for line in log if line.get("step") == 8][0]["lr"] == pytest.approx(
+        1e-2 * 0.5 * (1 + math.cos(6 * math.pi / 7)))
+    assert (out / "sft.config.yaml").is_file()
+    assert not sft_paths(config, "teacher").state.exists()  # resume state dropped when done
+
+
+def test_killed_teacher_run_resumes_to_the_same_weights(teacher_run, tmp_path, monkeypatch):
+    reference_config, reference = teacher_run
+    results = write_choice_task(tmp_path)
+    config = tiny_config(results, **TEACHER_SETTINGS)
+    paths = sft_paths(config, "teacher")
+
+    def kill_after_step_5(step):
+        if step == 5:
+            raise KeyboardInterrupt("simulated kill")
+
+    with pytest.raises(KeyboardInterrupt):
+        run_sft(config, "teacher", after_step=kill_after_step_5)
+    assert sorted(p.name for p in paths.output.glob("ckpt-*")) == ["ckpt-1", "ckpt-2"]
+    assert not (paths.output / "checkpoints.json").exists()
+    assert read_resume_progress(paths.state)["step"] == 4  # saved at the checkpoint-2 boundary
+    shutil.rmtree(paths.output)  # Snakemake deletes the outputs of a failed job
+
+    saved_now = []
+    original_save = sft_module._save_checkpoint
+    monkeypatch.setattr(sft_module, "_save_checkpoint",
+                        lambda model, tok, target, base: saved_now.append(target.name) or original_save(model, tok, target, base))
+    run_sft(config, "teacher")
+
+    assert saved_now == ["ckpt-3", "ckpt-4"]  # finished checkpoints are not redone
+    for k in range(1, 5):
+        resumed, uninterrupted = _weights(paths.output / f"ckpt-{k}"), _weights(reference / f"ckpt-{k}")
+        assert resumed.keys() == uninterrupted.keys()
+        for name, tensor in uninterrupted.items():
+            torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=1e-6)
+    resumed_records = json.loads((paths.output / "checkpoints.json").read_text())["checkpoints"]
+    reference_records = json.loads((reference / "checkpoints.json").read_text())["checkpoints"]
+    for got, want in zip(resumed_records, reference_records, strict=True):
+        assert got == {k: pytest.approx(v, rel=1e-5) if isinstance(v, float) else v for k, v in want.items()}
+    log = [json.loads(line) for line in (paths.output / "train_log.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in log if "event" not in line] == list(range(1, 9))  # step 5 once
+    assert not paths.state.exists()
+
+
+def test_resume_state_from_other_settings_is_not_used(tmp_path):
+    results = write_choice_task(tmp_path)
+    config = tiny_config(results, **TEACHER_SETTINGS)
+
+    def kill_after_step_2(step):
+        if step == 2:
+            raise KeyboardInterrupt("simulated kill")
+
+    with pytest.raises(KeyboardInterrupt):
+        run_sft(config, "teacher", after_step=kill_after_step_2)
+    changed = tiny_config(results, **{**TEACHER_SETTINGS, "sft.teacher.epochs": 1, "sft.teacher.n_checkpoints": 2})
+    out = run_sft(changed, "teacher")
+    records = json.loads((out / "checkpoints.json").read_text())["checkpoints"]
+    assert [(r["step"], r["epoch"]) for r in records] == [(2, 0.5), (4, 1.0)]
+    assert sorted(p.name for p in out.glob("ckpt-*")) == ["ckpt-1", "ckpt-2"]
+
+
+def test_cli_student_lora_run_writes_an_adapter_that_evaluate_accepts(tmp_path):
+    from typer.testing import CliRunner
+
+    from scd_pipeline.cli import app
+    from scd_pipeline.evaluate import evaluate
+
+    results = write_choice_task(tmp_path)
+    result = CliRunner().invoke(app, [
+        "sft", "--role", "student", "--mode", "lora", "--epochs", "1", "--lr", "0.01", "--batch-size", "4",
+        "--task", "demo", "--results-dir", str(results), "--set", "sft.lora.r=4", "--set", "sft.lora.dropout=0.0"])
+    assert result.exit_code == 0, result.output
+
+    student = results / "demo" / "student_sft"
+    files = {p.name for p in student.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "train_log.jsonl", "sft.config.yaml"} <= files
+    assert "model.safetensors" not in files  # a LoRA run saves adapters only
+    adapter = json.loads((student / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(results / "models" / "student_base")
+    checkpoint_line = [json.loads(line) for line in (student / "train_log.jsonl").read_text().splitlines()][-1]
+    assert checkpoint_line["event"] == "checkpoint" and checkpoint_line["step"] == 4
+
+    config = tiny_config(results)
+    tuned = pd.read_parquet(evaluate(config, student).with_suffix("").with_suffix(".predictions.parquet"))
+    base = pd.read_parquet(evaluate(config, results / "models" / "student_base").with_suffix("")
+                           .with_suffix(".predictions.parquet"))
+    assert tuned["gold_logprob"].mean() > base["gold_logprob"].mean()  # the adapter is applied and helps
