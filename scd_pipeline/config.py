@@ -121,8 +121,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     if path is not None and Path(path).resolve() != DEFAULT_CONFIG:
         config = deep_merge(config, read_yaml(path))
     for key, value in (overrides or {}).items():
-        if value is not None:
-            set_dotted(config, key, value)
+        set_dotted(config, key, value)  # None is a real value here (e.g. --set distill.phases=null)
     return validate_config(config)
 
 

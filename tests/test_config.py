@@ -77,3 +77,12 @@ def test_cli_help_lists_the_stages():
     assert result.exit_code == 0
     for command in ("prepare-data", "prepare-model"):
         assert command in result.output
+
+
+def test_set_null_restores_a_nullable_default(tmp_path):
+    from scd_pipeline.cli import build_config
+
+    config = build_config(None, ["distill.phases=null", "data.max_train_samples=null"], task=None)
+    assert config["distill"]["phases"] is None
+    assert config["data"]["max_train_samples"] is None
+    assert build_config(None, [], task=None)["task"] == "demo"  # unset CLI options change nothing
