@@ -47,6 +47,17 @@ ResultsOption = Annotated[
 ]
 
 
+@app.callback()
+def _announce_cluster_job() -> None:
+    """Under SLURM, say which job and node ran the stage (the first line of every rule log)."""
+    import os
+    import socket
+
+    job = os.environ.get("SLURM_JOB_ID")
+    if job:
+        typer.echo(f"[scd-pipeline] SLURM job {job} on {socket.gethostname()}", err=True)
+
+
 class Role(str, Enum):
     teacher = "teacher"
     student = "student"
@@ -138,6 +149,258 @@ def prepare_model_command(
     except ScdError as exc:
         _fail(str(exc))
     typer.echo(f"wrote {out}")
+
+
+@app.command("cache-logits")
+def cache_logits_command(
+    checkpoint: Annotated[int, typer.Option(
+        "--checkpoint", help="Teacher checkpoint index K (teacher/ckpt-K, as in checkpoints.json).")],
+    task: TaskOption = None,
+    top_k: Annotated[Optional[int], typer.Option(
+        help="Teacher log-probs kept per completion token, plus one tail bucket (default: config "
+        "cache.top_k).", show_default=False)] = None,
+    dtype: Annotated[Optional[str], typer.Option(
+        help="Stored log-prob precision: fp16 or fp32 (default: config cache.dtype).", show_default=False)] = None,
+    temperature: Annotated[Optional[float], typer.Option(
+        help="Teacher temperature applied before caching (default: config cache.temperature).",
+        show_default=False)] = None,
+    batch_size: Annotated[Optional[int], typer.Option(
+        help="Samples per teacher forward (default: config cache.batch_size).", show_default=False)] = None,
+    split: Annotated[Optional[str], typer.Option(
+        help="Split to cache: train, val or test (default: config cache.split).", show_default=False)] = None,
+    config: ConfigOption = None,
+    results_dir: ResultsOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Cache one teacher checkpoint's top-k completion log-probs: {results_dir}/{task}/logits/ckpt-K.parquet
+    + ckpt-K.meta.json (one job per checkpoint)."""
+    try:
+        cfg = build_config(config, set_, task=task, results_dir=str(results_dir) if results_dir else None,
+                           **{"cache.top_k": top_k, "cache.dtype": dtype, "cache.temperature": temperature,
+                              "cache.batch_size": batch_size, "cache.split": split})
+        from scd_pipeline.cache import cache_logits
+
+        meta = cache_logits(cfg, checkpoint)
+    except ScdError as exc:
+        _fail(str(exc))
+    typer.echo(f"wrote {meta['path']}: {meta['rows']} samples, {meta['tokens']} completion tokens, "
+               f"k={meta['k']} {meta['dtype']}, {meta['bytes_per_token']:.1f} B/token, "
+               f"{meta['tokens_per_second']:.1f} tokens/s ({meta['capture_seconds']:.1f} s)")
+
+
+@app.command("cache-info")
+def cache_info_command(
+    file: Annotated[Path, typer.Argument(help="A cache file, e.g. results/demo/logits/ckpt-1.parquet.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print everything as one JSON object.")] = False,
+) -> None:
+    """Rows, tokens, k, dtype, size, bytes/token and the sidecar meta of a teacher-logit cache."""
+    import json
+
+    try:
+        from scd_pipeline.cache import cache_info
+
+        info = cache_info(file)
+    except ScdError as exc:
+        _fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps(info, indent=2, default=str))
+        return
+    for key in ("path", "rows", "tokens", "k", "dtype", "id_dtype", "file_bytes", "row_groups"):
+        typer.echo(f"{key}: {info[key]}")
+    typer.echo(f"bytes_per_token: {info['bytes_per_token']:.2f}")
+    typer.echo("meta: " + (json.dumps(info["sidecar"], default=str) if info["sidecar"] else
+                           "MISSING sidecar (the cache will be refused; re-run cache-logits)"))
+
+
+@app.command("estimate-subdomains")
+def estimate_subdomains_command(
+    task: TaskOption = None,
+    probe_size: Annotated[Optional[int], typer.Option(
+        help="Samples of the fixed probe set for the KL between checkpoints (default: config "
+        "subdomains.probe_size).", show_default=False)] = None,
+    batch_size: Annotated[Optional[int], typer.Option(
+        help="Samples per student forward (default: config cache.batch_size).", show_default=False)] = None,
+    config: ConfigOption = None,
+    results_dir: ResultsOption = None,
+    set_: SetOption = None,
+) -> None:
+    """SFS/TFS, adaptive weights and KL(T* || c) from the SFT student and every checkpoint's cache:
+    {results_dir}/{task}/subdomains.parquet + subdomains.json."""
+    try:
+        cfg = build_config(config, set_, task=task, results_dir=str(results_dir) if results_dir else None,
+                           **{"subdomains.probe_size": probe_size, "cache.batch_size": batch_size})
+        from scd_pipeline.subdomains import estimate_subdomains
+
+        summary = estimate_subdomains(cfg)
+    except ScdError as exc:
+        _fail(str(exc))
+    loss = summary["loss"]
+    typer.echo(f"wrote {', '.join(summary['paths'])}: SFS share {summary['sfs_share']:.3f}; loss gap "
+               f"S-T* {loss['gap']:+.4f} = SFS {loss['advantage_sfs']:+.4f} + TFS {loss['deficit_tfs']:+.4f}; "
+               f"error gap {summary['metric']['gap']:+.4f}; best checkpoint {summary['best_index']}")
+
+
+@app.command("sft")
+def sft_command(
+    role: Annotated[Role, typer.Option(help="teacher: N dense checkpoints + checkpoints.json; "
+                                       "student: the SFT baseline student_sft/.")] = Role.teacher,
+    task: TaskOption = None,
+    mode: Annotated[Optional[str], typer.Option(
+        help="full or lora fine-tuning (default: config sft.mode).", show_default=False)] = None,
+    epochs: Annotated[Optional[float], typer.Option(
+        help="Epochs, fractions allowed (default: config sft.{role}.epochs).", show_default=False)] = None,
+    lr: Annotated[Optional[float], typer.Option(
+        help="Peak learning rate (default: config sft.{role}.lr).", show_default=False)] = None,
+    batch_size: Annotated[Optional[int], typer.Option(
+        help="Samples per micro-batch (default: config sft.batch_size).", show_default=False)] = None,
+    grad_accum: Annotated[Optional[int], typer.Option(
+        help="Micro-batches per optimizer step (default: config sft.grad_accum).", show_default=False)] = None,
+    n_checkpoints: Annotated[Optional[int], typer.Option(
+        help="Teacher checkpoints evenly spaced over the run (default: config "
+        "sft.teacher.n_checkpoints).", show_default=False)] = None,
+    config: ConfigOption = None,
+    results_dir: ResultsOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Fine-tune {results_dir}/models/{role}_base on the task: {task}/teacher/ckpt-{k}/ +
+    checkpoints.json, or {task}/student_sft/. Resumes a killed run from {task}/.state/sft-{role}/.
+    Several GPUs: `accelerate launch -m scd_pipeline sft ...`."""
+    try:
+        cfg = build_config(config, set_, task=task, results_dir=str(results_dir) if results_dir else None,
+                           **{"sft.mode": mode, f"sft.{role.value}.epochs": epochs,
+                              f"sft.{role.value}.lr": lr, "sft.batch_size": batch_size,
+                              "sft.grad_accum": grad_accum, "sft.teacher.n_checkpoints": n_checkpoints})
+        from scd_pipeline.sft import run_sft
+
+        out = run_sft(cfg, role.value)
+    except ScdError as exc:
+        _fail(str(exc))
+    typer.echo(f"wrote {out}")
+
+
+@app.command("evaluate")
+def evaluate_command(
+    model: Annotated[Path, typer.Option(
+        help="Model directory: a base model, teacher/ckpt-K, a LoRA adapter directory, student_sft "
+        "or a distilled student.")],
+    task: TaskOption = None,
+    split: Annotated[Optional[str], typer.Option(
+        help="test or val (default: config evaluate.split).", show_default=False)] = None,
+    name: Annotated[Optional[str], typer.Option(
+        help="Output name eval/{name}.json (default: from the path, e.g. teacher-ckpt-3, student_sft).",
+        show_default=False)] = None,
+    batch_size: Annotated[Optional[int], typer.Option(
+        help="Samples per forward (default: config evaluate.batch_size).", show_default=False)] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(
+        help="Generation budget of list tasks (default: config evaluate.max_new_tokens).",
+        show_default=False)] = None,
+    config: ConfigOption = None,
+    results_dir: ResultsOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Score a model on a prepared split: {results_dir}/{task}/eval/{name}.json (metrics overall and
+    per tag) + {name}.predictions.parquet."""
+    import json
+
+    try:
+        cfg = build_config(config, set_, task=task, results_dir=str(results_dir) if results_dir else None,
+                           **{"evaluate.split": split, "evaluate.batch_size": batch_size,
+                              "evaluate.max_new_tokens": max_new_tokens})
+        from scd_pipeline.evaluate import evaluate
+
+        out = evaluate(cfg, model, name=name)
+    except ScdError as exc:
+        _fail(str(exc))
+    metrics = json.loads(out.read_text(encoding="utf-8"))["metrics"]
+    shown = ", ".join(f"{key} {value:.4f}" for key, value in metrics.items() if value is not None)
+    typer.echo(f"wrote {out}: {shown}")
+
+
+@app.command("report")
+def report_command(
+    task: TaskOption = None,
+    config: ConfigOption = None,
+    results_dir: ResultsOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Compare the teacher (T*), the SFT student and every distilled student: {results_dir}/{task}/
+    report.md, report.html, summary.csv and plots/*.png. Missing evaluations are listed as "not run"."""
+    try:
+        cfg = build_config(config, set_, task=task, results_dir=str(results_dir) if results_dir else None)
+        from scd_pipeline.report import build_report
+
+        result = build_report(cfg)
+    except ScdError as exc:
+        _fail(str(exc))
+    typer.echo(f"wrote {result.markdown}, {result.html}, {result.summary_csv} and "
+               f"{len(result.plots)} plots in {result.markdown.parent / 'plots'}")
+    for line in result.missing_evals:
+        typer.echo(f"not run: {line}")
+    for line in result.missing_plots:
+        typer.echo(f"missing plot: {line}")
+
+
+class Weighting(str, Enum):
+    none = "none"
+    aw = "aw"
+    paced = "paced"
+
+
+@app.command("distill")
+def distill_command(
+    method: Annotated[str, typer.Option(
+        help="td (T* every phase), cd (checkpoint k in phase k), scd (scheduled: argmin KL(T*||c) + "
+        "KL(S||c) per phase), scd_aw (scd + adaptive weight) or taid; suffixes +aw / +paced allowed, "
+        "e.g. td+paced.")],
+    weighting: Annotated[Weighting | None, typer.Option(
+        help="Per-sample weighting added to the method: none, aw (KD weight L_S^SFT/(L_S^SFT+L_c*)) "
+        "or paced (p(1-p) on the loss).", show_default=False)] = None,
+    name: Annotated[str | None, typer.Option(
+        help="Output folder students/{name} (default: the method string, plus +WEIGHTING).",
+        show_default=False)] = None,
+    task: TaskOption = None,
+    phases: Annotated[int | None, typer.Option(
+        help="Number of phases N (default: config distill.phases, null = one per teacher checkpoint).",
+        show_default=False)] = None,
+    epochs_per_phase: Annotated[float | None, typer.Option(
+        help="Epochs per phase E, fractions allowed (default: config distill.epochs_per_phase).",
+        show_default=False)] = None,
+    init: Annotated[str | None, typer.Option(
+        help="Initial student: base (models/student_base) or sft (student_sft) (default: config "
+        "distill.init).", show_default=False)] = None,
+    divergence: Annotated[str | None, typer.Option(
+        help="KD divergence: forward_kl, reverse_kl, skew_forward_kl, skew_reverse_kl, generalized_jsd, "
+        "total_variation or akl (default: config distill.divergence).", show_default=False)] = None,
+    kd_weight: Annotated[float | None, typer.Option(
+        help="lambda in (1 - lambda) CE + lambda KD when AW is off (default: config distill.kd_weight).",
+        show_default=False)] = None,
+    lr: Annotated[float | None, typer.Option(
+        help="Peak learning rate of every phase (default: config distill.lr).", show_default=False)] = None,
+    batch_size: Annotated[int | None, typer.Option(
+        help="Samples per micro-batch (default: config distill.batch_size).", show_default=False)] = None,
+    config: ConfigOption = None,
+    results_dir: ResultsOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Distil the student from the cached teacher checkpoints (no teacher forward):
+    {results_dir}/{task}/students/{name}/ (model, train_log.jsonl, schedule.json). Resumes a killed
+    run from {task}/.state/distill-{name}/. Several GPUs: `accelerate launch -m scd_pipeline distill ...`."""
+    import json
+
+    try:
+        cfg = build_config(config, set_, task=task, results_dir=str(results_dir) if results_dir else None,
+                           **{"distill.phases": phases, "distill.epochs_per_phase": epochs_per_phase,
+                              "distill.init": init, "distill.divergence": divergence,
+                              "distill.kd_weight": kd_weight, "distill.lr": lr, "distill.batch_size": batch_size})
+        from scd_pipeline.distill import SCHEDULE_FILE, run_distill
+
+        out = run_distill(cfg, method, weighting.value if weighting else None, name)
+    except ScdError as exc:
+        _fail(str(exc))
+    schedule = json.loads((out / SCHEDULE_FILE).read_text(encoding="utf-8"))
+    checkpoints = ", ".join(str(phase["checkpoint"]) for phase in schedule["phases"])
+    typer.echo(f"wrote {out}: {schedule['method']}, {schedule['n_phases']} phases from checkpoints "
+               f"[{checkpoints}], {schedule['total_steps']} steps")
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -248,10 +248,13 @@ def process_share(micro_batches: list[list[int]], process: int, processes: int) 
 
 
 def model_identity(model_dir: Path) -> dict:
-    """What identifies a model directory without hashing gigabytes: config and weight file sizes."""
+    """What identifies a model (or LoRA adapter) directory without hashing gigabytes: its config
+    and weight file sizes."""
     weights = sorted((p.name, p.stat().st_size) for p in model_dir.glob("*.safetensors"))
-    return {"path": str(model_dir), "config": (model_dir / "config.json").read_text(encoding="utf-8"),
-            "weights": weights}
+    config = model_dir / "config.json"
+    if not config.is_file():
+        config = model_dir / "adapter_config.json"
+    return {"path": str(model_dir), "config": config.read_text(encoding="utf-8"), "weights": weights}
 
 
 def append_log(path: Path, record: dict) -> None:

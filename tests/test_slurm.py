@@ -27,8 +27,13 @@ def tiny_workflow_config(root: Path) -> Path:
     config = {
         "task": "demo",
         "results_dir": "results",
-        "data": {"demo": {"n_examples": 40, "test_size": 10}, "max_length": 256},
+        "data": {"demo": {"n_examples": 40, "test_size": 8}, "max_train_samples": 24},
         "models": {"teacher": {"source": "tiny:llama"}, "student": {"keep_every": 2}},
+        "sft": {"batch_size": 4, "val_max_samples": 8, "teacher": {"n_checkpoints": 2, "epochs": 1},
+                "student": {"epochs": 1}},
+        "cache": {"top_k": 8},
+        "subdomains": {"probe_size": 8},
+        "distill": {"methods": ["td", "scd_aw"], "phases": 2, "epochs_per_phase": 1, "batch_size": 4},
     }
     path = root / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))

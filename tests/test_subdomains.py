@@ -1,0 +1,164 @@
+"""SFS/TFS subdomains: the AW identity, the gap decomposition on a hand-computed table, the probe
+set, KL between checkpoint caches against the dense formula, and the estimate-subdomains stage."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from test_cache import VOCAB, build_tiny_task, dense_logprobs, tiny_config
+from typer.testing import CliRunner
+
+from scd_pipeline import cache
+from scd_pipeline.batching import read_split
+from scd_pipeline.cli import app
+from scd_pipeline.models import load_model
+from scd_pipeline.subdomains import (
+    checkpoint_kl_matrix,
+    decompose_gap,
+    probe_sample_ids,
+    subdomain_table,
+    summarize_subdomains,
+)
+from scd_pipeline.weighting import adaptive_weight
+
+
+def test_adaptive_weight_is_sigmoid_of_log_ratio_equal_to_a_over_a_plus_b():
+    student = torch.tensor([1.0, 3.0, 2.0, 0.2])
+    teacher = torch.tensor([3.0, 1.0, 2.0, 0.6])
+    weight = adaptive_weight(student, teacher)
+    torch.testing.assert_close(weight, torch.tensor([0.25, 0.75, 0.5, 0.25]))
+    torch.testing.assert_close(weight, torch.sigmoid(student.log() - teacher.log()))
+    torch.testing.assert_close(weight, student / (student + teacher))
+
+
+# Four samples by hand. Best checkpoint T* = 2. d = student - teacher.
+#   s1 x: nll 0.5 vs 1.0 -> SFS, d = -0.5; correct S 1, T 0 -> error d = -1
+#   s2 x: nll 2.0 vs 1.0 -> TFS, d = +1.0; correct S 0, T 1 -> error d = +1
+#   s3 y: nll 1.0 vs 1.0 -> TFS (tie), d = 0; both correct -> 0
+#   s4 y: nll 0.2 vs 0.6 -> SFS, d = -0.4; both correct -> 0
+SAMPLES = pd.DataFrame({"sample_id": ["s1", "s2", "s3", "s4"], "tag": ["x", "x", "y", "y"]})
+STUDENT = pd.DataFrame({"sample_id": ["s4", "s3", "s2", "s1"], "nll_mean": [0.2, 1.0, 2.0, 0.5],
+                        "correct": [True, True, False, True]})  # other row order: aligned by id
+BEST = pd.DataFrame({"sample_id": ["s1", "s2", "s3", "s4"], "nll_mean": [1.0, 1.0, 1.0, 0.6],
+                     "correct": [False, True, True, True]})
+EARLY = pd.DataFrame({"sample_id": ["s1", "s2", "s3", "s4"], "nll_mean": [4.0, 4.0, 4.0, 4.0],
+                      "correct": [False, False, False, False]})
+
+
+def test_subdomain_table_by_hand():
+    table = subdomain_table(SAMPLES, STUDENT, {1: EARLY, 2: BEST}, best_index=2)
+    assert list(table.columns) == ["sample_id", "tag", "student_sft_nll", "student_sft_correct",
+                                   "nll_ckpt_1", "correct_ckpt_1", "nll_ckpt_2", "correct_ckpt_2",
+                                   "sfs", "aw_ckpt_1", "aw_ckpt_2"]
+    assert table["student_sft_nll"].tolist() == [0.5, 2.0, 1.0, 0.2]
+    assert table["sfs"].tolist() == [True, False, False, True]
+    np.testing.assert_allclose(table["aw_ckpt_2"], [0.5 / 1.5, 2.0 / 3.0, 0.5, 0.25])
+    np.testing.assert_allclose(table["aw_ckpt_1"], [0.5 / 4.5, 2.0 / 6.0, 1.0 / 5.0, 0.2 / 4.2])
+
+
+def test_sfs_tfs_summary_adds_up_to_the_student_teacher_gap():
+    summary = summarize_subdomains(subdomain_table(SAMPLES, STUDENT, {1: EARLY, 2: BEST}, 2), 2)
+    assert summary["sfs_share"] == 0.5 and summary["checkpoints"] == [1, 2]
+    loss = summary["loss"]
+    assert loss["sfs_mean_delta"] == pytest.approx(-0.45)     # (-0.5 - 0.4) / 2
+    assert loss["tfs_mean_delta"] == pytest.approx(0.5)       # (1.0 + 0) / 2
+    assert loss["advantage_sfs"] == pytest.approx(-0.225)     # 0.5 * -0.45
+    assert loss["deficit_tfs"] == pytest.approx(0.25)         # 0.5 * 0.5
+    assert loss["gap"] == pytest.approx(0.025)                # mean of d = 0.1 / 4
+    assert loss["student"] - loss["teacher"] == pytest.approx(loss["gap"])
+    assert loss["identity_error"] < 1e-12
+    metric = summary["metric"]  # risk = error = 1 - correct
+    assert (metric["student"], metric["teacher"]) == pytest.approx((0.25, 0.25))
+    assert (metric["advantage_sfs"], metric["deficit_tfs"], metric["gap"]) == pytest.approx((-0.25, 0.25, 0.0))
+    assert summary["per_tag"]["x"]["loss"]["gap"] == pytest.approx(0.25)   # (-0.5 + 1.0) / 2
+    assert summary["per_tag"]["y"]["loss"]["gap"] == pytest.approx(-0.2)   # (0 - 0.4) / 2
+    assert summary["per_tag"]["y"]["sfs_share"] == 0.5
+    assert summary["adaptive_weight_mean"]["2"] == pytest.approx((1 / 3 + 2 / 3 + 0.5 + 0.25) / 4)
+
+
+def test_decompose_gap_with_no_student_favoured_samples():
+    result = decompose_gap(np.array([2.0, 3.0]), np.array([1.0, 1.0]), np.array([False, False]))
+    assert result["sfs_share"] == 0.0 and result["sfs_mean_delta"] is None
+    assert (result["advantage_sfs"], result["deficit_tfs"], result["gap"]) == (0.0, 1.5, 1.5)
+
+
+def test_probe_set_is_seeded_sorted_and_independent_of_row_order():
+    ids = [f"demo-{i:03d}" for i in range(50)]
+    probe = probe_sample_ids(ids, 8, seed=0)
+    assert len(probe) == 8 and probe == sorted(probe) and set(probe) <= set(ids)
+    assert probe_sample_ids(list(reversed(ids)), 8, seed=0) == probe
+    assert probe_sample_ids(ids, 8, seed=1) != probe
+    assert probe_sample_ids(ids[:5], 8, seed=0) == ids[:5]
+
+
+@pytest.fixture(scope="module")
+def estimated(tmp_path_factory):
+    """Full-vocabulary fp32 caches of two checkpoints (so KLs are exact), then the CLI stage."""
+    root = tmp_path_factory.mktemp("results")
+    build_tiny_task(root, n_checkpoints=2, best=2)
+    config = tiny_config(root, **{"cache.top_k": VOCAB, "cache.dtype": "fp32"})
+    for index in (1, 2):
+        cache.cache_logits(config, index)
+    result = CliRunner().invoke(app, ["estimate-subdomains", "--results-dir", str(root), "--task", "demo",
+                                      "--set", f"cache.top_k={VOCAB}", "--set", "cache.dtype=fp32",
+                                      "--probe-size", "6"])
+    assert result.exit_code == 0, result.output
+    assert "SFS share" in result.output
+    return root, config
+
+
+def test_estimate_subdomains_writes_the_table_and_summary(estimated):
+    root, config = estimated
+    table = pd.read_parquet(root / "demo" / "subdomains.parquet")
+    summary = json.loads((root / "demo" / "subdomains.json").read_text())
+    frame = read_split(root / "demo" / "data" / "train.parquet")
+    assert table["sample_id"].tolist() == frame["sample_id"].tolist()
+    # L_S^SFT is the student's own gold NLL; L_c comes from each checkpoint's cache.
+    model, tokenizer = load_model(root / "demo" / "student_sft", device="cpu")
+    student = cache.gold_nll(model, frame, batch_size=5, pad_id=tokenizer.pad_token_id)
+    np.testing.assert_allclose(table["student_sft_nll"], student["nll_mean"], atol=1e-5)
+    stored = cache.open_task_cache(config, 1).stats().set_index("sample_id")
+    np.testing.assert_allclose(table["nll_ckpt_1"], stored.loc[table["sample_id"], "nll_mean"], atol=1e-6)
+    assert (table["sfs"] == (table["student_sft_nll"] < table["nll_ckpt_2"])).all()
+    a, b = table["student_sft_nll"], table["nll_ckpt_1"]
+    np.testing.assert_allclose(table["aw_ckpt_1"], a / (a + b), rtol=1e-6)
+    assert summary["best_index"] == 2 and summary["sfs_share"] == pytest.approx(table["sfs"].mean())
+    assert summary["loss"]["gap"] == pytest.approx((table["student_sft_nll"] - table["nll_ckpt_2"]).mean())
+    assert summary["loss"]["identity_error"] < 1e-9 and summary["metric"]["identity_error"] < 1e-9
+    assert set(summary["per_tag"]) == {"even", "odd"}
+    assert summary["probe"]["size"] == 6 and summary["probe"]["sample_ids"] == \
+        probe_sample_ids(frame["sample_id"], 6, config["seed"])
+
+
+def test_kl_between_checkpoints_equals_the_dense_kl_on_the_probe_set(estimated):
+    root, config = estimated
+    summary = json.loads((root / "demo" / "subdomains.json").read_text())
+    probe = summary["probe"]["sample_ids"]
+    best, _ = dense_logprobs(root, 2, probe)
+    early, _ = dense_logprobs(root, 1, probe)
+    dense_kl = (best.exp() * (best - early)).sum(-1).mean()  # mean over all probe tokens
+    assert summary["kl_best_to_c"]["1"] == pytest.approx(float(dense_kl), rel=1e-4)
+    assert summary["kl_best_to_c"]["2"] == pytest.approx(0.0, abs=1e-7)
+    matrix = np.array(summary["kl_matrix"]["values"])
+    assert summary["kl_matrix"]["index"] == [1, 2]
+    assert matrix[1, 0] == pytest.approx(summary["kl_best_to_c"]["1"])
+    reverse = (early.exp() * (early - best)).sum(-1).mean()
+    assert matrix[0, 1] == pytest.approx(float(reverse), rel=1e-4)
+    caches = {k: cache.open_task_cache(config, k) for k in (1, 2)}
+    assert checkpoint_kl_matrix(caches, probe)[2][1] == pytest.approx(summary["kl_best_to_c"]["1"])
+
+
+def test_estimate_subdomains_refuses_a_stale_cache(estimated, tmp_path):
+    import shutil
+
+    root, _ = estimated
+    copy = tmp_path / "results"
+    shutil.copytree(root, copy, copy_function=shutil.copy2)
+    (copy / "demo" / "logits" / "ckpt-1.meta.json").unlink()
+    result = CliRunner().invoke(app, ["estimate-subdomains", "--results-dir", str(copy), "--task", "demo",
+                                      "--set", f"cache.top_k={VOCAB}"])
+    assert result.exit_code == 2 and "ckpt-1.parquet: sidecar" in result.output
