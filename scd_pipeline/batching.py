@@ -63,13 +63,13 @@ class Batch:
 def collate(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int,
             index: Sequence[int] | None = None) -> Batch:
     """Concatenate each prompt with its completion and right-pad to the longest sequence."""
-    lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
+    lengths = [len(p) + len(c) for p, c in zip(prompts, completions, strict=True)]
     width = max(lengths)
     batch_size = len(lengths)
     input_ids = torch.full((batch_size, width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((batch_size, width), dtype=torch.long)
     predict_mask = torch.zeros((batch_size, width), dtype=torch.bool)
-    for row, (prompt, completion) in enumerate(zip(prompts, completions)):
+    for row, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
         if len(prompt) == 0 or len(completion) == 0:
             raise DataError(f"row {row}: empty prompt or completion cannot be trained or scored")
         sequence = list(prompt) + list(completion)
@@ -115,7 +115,8 @@ def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int | 
 def completion_hidden_states(model, batch: Batch) -> torch.Tensor:
     """Final hidden states at the positions that predict completion tokens: (N, hidden)."""
     decoder = model.get_decoder()
-    hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                     use_cache=False).last_hidden_state  # no KV cache: one full pass only
     return hidden[batch.predict_mask]
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -26,22 +26,22 @@ app = typer.Typer(
 )
 
 ConfigOption = Annotated[
-    Optional[Path],
+    Path | None,
     typer.Option("--config", "-c", help="YAML config file (default: ./config.yaml if present, "
                  "else the repository's config.yaml).", show_default=False),
 ]
 SetOption = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Option("--set", help="Override any config key, e.g. --set data.max_length=256 "
                  "(repeatable; value parsed as YAML).", show_default=False),
 ]
 TaskOption = Annotated[
-    Optional[str],
+    str | None,
     typer.Option("--task", "-t", help="Task name: demo, crade, rrtnm, smdis, jmmlu_med, nrner, "
                  "pubmedqa or custom (default: config 'task').", show_default=False),
 ]
 ResultsOption = Annotated[
-    Optional[Path],
+    Path | None,
     typer.Option("--results-dir", help="Root of all outputs (default: config 'results_dir').",
                  show_default=False),
 ]
@@ -63,7 +63,7 @@ class Role(str, Enum):
     student = "student"
 
 
-def build_config(config_path: Optional[Path], sets: Optional[list[str]], **options: Any) -> dict:
+def build_config(config_path: Path | None, sets: list[str] | None, **options: Any) -> dict:
     """Config file, then explicit options (dotted keys), then ``--set`` assignments; validated."""
     from scd_pipeline.config import load_config, parse_assignment
 
@@ -85,17 +85,17 @@ def _fail(message: str) -> None:
 def prepare_data_command(
     task: TaskOption = None,
     config: ConfigOption = None,
-    tokenizer: Annotated[Optional[Path], typer.Option(
+    tokenizer: Annotated[Path | None, typer.Option(
         help="Tokenizer directory (default: the prepared teacher, {results_dir}/models/teacher_base).",
         show_default=False)] = None,
-    jmed_root: Annotated[Optional[Path], typer.Option(
+    jmed_root: Annotated[Path | None, typer.Option(
         help="JMED-LLM data root (default: config data.jmed_root).", show_default=False)] = None,
-    max_train_samples: Annotated[Optional[int], typer.Option(
+    max_train_samples: Annotated[int | None, typer.Option(
         help="Cap on training rows (default: config data.max_train_samples).", show_default=False)] = None,
-    max_length: Annotated[Optional[int], typer.Option(
+    max_length: Annotated[int | None, typer.Option(
         help="Cap on prompt+completion tokens; over-long prompts are cut (default: config "
         "data.max_length).", show_default=False)] = None,
-    balance: Annotated[Optional[str], typer.Option(
+    balance: Annotated[str | None, typer.Option(
         help="Class balancing of the training split: none, undersample, oversample, weights.",
         show_default=False)] = None,
     results_dir: ResultsOption = None,
@@ -118,13 +118,13 @@ def prepare_data_command(
 @app.command("prepare-model")
 def prepare_model_command(
     role: Annotated[Role, typer.Option(help="Which model to prepare.")] = Role.teacher,
-    source: Annotated[Optional[str], typer.Option(
+    source: Annotated[str | None, typer.Option(
         help="Hub id, local directory, embedded:smollm2-135m-instruct, tiny:llama, or (student) "
         "teacher_base (default: config models.{role}.source).", show_default=False)] = None,
-    keep_every: Annotated[Optional[int], typer.Option(
+    keep_every: Annotated[int | None, typer.Option(
         help="Depth-prune: keep every k-th decoder layer (default: config models.{role}.keep_every).",
         show_default=False)] = None,
-    keep_layers: Annotated[Optional[str], typer.Option(
+    keep_layers: Annotated[str | None, typer.Option(
         help="Depth-prune: comma-separated decoder layer indices to keep, e.g. 0,4,8 "
         "(default: config models.{role}.keep_layers).", show_default=False)] = None,
     config: ConfigOption = None,
@@ -156,17 +156,17 @@ def cache_logits_command(
     checkpoint: Annotated[int, typer.Option(
         "--checkpoint", help="Teacher checkpoint index K (teacher/ckpt-K, as in checkpoints.json).")],
     task: TaskOption = None,
-    top_k: Annotated[Optional[int], typer.Option(
+    top_k: Annotated[int | None, typer.Option(
         help="Teacher log-probs kept per completion token, plus one tail bucket (default: config "
         "cache.top_k).", show_default=False)] = None,
-    dtype: Annotated[Optional[str], typer.Option(
+    dtype: Annotated[str | None, typer.Option(
         help="Stored log-prob precision: fp16 or fp32 (default: config cache.dtype).", show_default=False)] = None,
-    temperature: Annotated[Optional[float], typer.Option(
+    temperature: Annotated[float | None, typer.Option(
         help="Teacher temperature applied before caching (default: config cache.temperature).",
         show_default=False)] = None,
-    batch_size: Annotated[Optional[int], typer.Option(
+    batch_size: Annotated[int | None, typer.Option(
         help="Samples per teacher forward (default: config cache.batch_size).", show_default=False)] = None,
-    split: Annotated[Optional[str], typer.Option(
+    split: Annotated[str | None, typer.Option(
         help="Split to cache: train, val or test (default: config cache.split).", show_default=False)] = None,
     config: ConfigOption = None,
     results_dir: ResultsOption = None,
@@ -215,10 +215,10 @@ def cache_info_command(
 @app.command("estimate-subdomains")
 def estimate_subdomains_command(
     task: TaskOption = None,
-    probe_size: Annotated[Optional[int], typer.Option(
+    probe_size: Annotated[int | None, typer.Option(
         help="Samples of the fixed probe set for the KL between checkpoints (default: config "
         "subdomains.probe_size).", show_default=False)] = None,
-    batch_size: Annotated[Optional[int], typer.Option(
+    batch_size: Annotated[int | None, typer.Option(
         help="Samples per student forward (default: config cache.batch_size).", show_default=False)] = None,
     config: ConfigOption = None,
     results_dir: ResultsOption = None,
@@ -245,17 +245,17 @@ def sft_command(
     role: Annotated[Role, typer.Option(help="teacher: N dense checkpoints + checkpoints.json; "
                                        "student: the SFT baseline student_sft/.")] = Role.teacher,
     task: TaskOption = None,
-    mode: Annotated[Optional[str], typer.Option(
+    mode: Annotated[str | None, typer.Option(
         help="full or lora fine-tuning (default: config sft.mode).", show_default=False)] = None,
-    epochs: Annotated[Optional[float], typer.Option(
+    epochs: Annotated[float | None, typer.Option(
         help="Epochs, fractions allowed (default: config sft.{role}.epochs).", show_default=False)] = None,
-    lr: Annotated[Optional[float], typer.Option(
+    lr: Annotated[float | None, typer.Option(
         help="Peak learning rate (default: config sft.{role}.lr).", show_default=False)] = None,
-    batch_size: Annotated[Optional[int], typer.Option(
+    batch_size: Annotated[int | None, typer.Option(
         help="Samples per micro-batch (default: config sft.batch_size).", show_default=False)] = None,
-    grad_accum: Annotated[Optional[int], typer.Option(
+    grad_accum: Annotated[int | None, typer.Option(
         help="Micro-batches per optimizer step (default: config sft.grad_accum).", show_default=False)] = None,
-    n_checkpoints: Annotated[Optional[int], typer.Option(
+    n_checkpoints: Annotated[int | None, typer.Option(
         help="Teacher checkpoints evenly spaced over the run (default: config "
         "sft.teacher.n_checkpoints).", show_default=False)] = None,
     config: ConfigOption = None,
@@ -284,14 +284,14 @@ def evaluate_command(
         help="Model directory: a base model, teacher/ckpt-K, a LoRA adapter directory, student_sft "
         "or a distilled student.")],
     task: TaskOption = None,
-    split: Annotated[Optional[str], typer.Option(
+    split: Annotated[str | None, typer.Option(
         help="test or val (default: config evaluate.split).", show_default=False)] = None,
-    name: Annotated[Optional[str], typer.Option(
+    name: Annotated[str | None, typer.Option(
         help="Output name eval/{name}.json (default: from the path, e.g. teacher-ckpt-3, student_sft).",
         show_default=False)] = None,
-    batch_size: Annotated[Optional[int], typer.Option(
+    batch_size: Annotated[int | None, typer.Option(
         help="Samples per forward (default: config evaluate.batch_size).", show_default=False)] = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option(
+    max_new_tokens: Annotated[int | None, typer.Option(
         help="Generation budget of list tasks (default: config evaluate.max_new_tokens).",
         show_default=False)] = None,
     config: ConfigOption = None,
@@ -401,6 +401,12 @@ def distill_command(
     checkpoints = ", ".join(str(phase["checkpoint"]) for phase in schedule["phases"])
     typer.echo(f"wrote {out}: {schedule['method']}, {schedule['n_phases']} phases from checkpoints "
                f"[{checkpoints}], {schedule['total_steps']} steps")
+
+
+# --help lists the stages in pipeline order, whatever order they are defined in above.
+PIPELINE_ORDER = ("prepare-model", "prepare-data", "sft", "cache-logits", "cache-info",
+                  "estimate-subdomains", "distill", "evaluate", "report")
+app.registered_commands.sort(key=lambda command: PIPELINE_ORDER.index(command.name))
 
 
 def main() -> None:  # pragma: no cover - console entry point

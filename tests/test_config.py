@@ -7,7 +7,12 @@ import yaml
 from typer.testing import CliRunner
 
 from scd_pipeline.cli import app
-from scd_pipeline.config import load_config, parse_assignment, validate_config, write_effective_config
+from scd_pipeline.config import (
+    load_config,
+    parse_assignment,
+    validate_config,
+    write_effective_config,
+)
 from scd_pipeline.errors import ConfigError
 
 
