@@ -77,6 +77,7 @@ def test_workflow_runs_under_slurm_and_matches_a_local_run(slurm, tmp_path):
     on_slurm = tmp_path / "slurm"
     result = run_snakemake(
         on_slurm, config, "--profile", str(REPO / "workflow/profiles/slurm"), "--jobs", "2",
+        "--max-threads", str(os.cpu_count() or 1),  # the local node has this many CPUs
         "--default-resources", "slurm_partition=debug", "mem_mb=1000", "runtime=30",
         "--slurm-no-account", "--slurm-status-command", "squeue",
         "--slurm-init-seconds-before-status-checks", "1", "--latency-wait", "5",
