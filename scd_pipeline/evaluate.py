@@ -15,8 +15,6 @@ from __future__ import annotations
 import ast
 import json
 import math
-import os
-import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,6 +34,7 @@ from scd_pipeline.config import task_dir
 from scd_pipeline.errors import DataError, ModelError
 from scd_pipeline.io import atomic_path, read_json, write_json
 from scd_pipeline.metrics import choice_metrics, kappa_weights, list_metrics
+from scd_pipeline.naming import default_eval_name
 from scd_pipeline.tokenization import load_tokenizer, tokenizer_fingerprint
 
 PREDICTION_COLUMNS = ["sample_id", "tag", "gold", "prediction", "gold_logprob"]
@@ -281,15 +280,6 @@ def json_safe(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
-
-
-def default_eval_name(model_path: str | Path) -> str:
-    """``teacher/ckpt-3`` -> ``teacher-ckpt-3``; otherwise the directory name (``student_sft``)."""
-    path = Path(os.path.normpath(str(model_path)))
-    name = path.name
-    if re.fullmatch(r"ckpt-\d+", name) and path.parent.name not in ("", ".", ".."):
-        name = f"{path.parent.name}-{name}"
-    return re.sub(r"[^A-Za-z0-9._-]", "_", name) or "model"
 
 
 def evaluate(config: dict, model_path: str | Path, split: str | None = None,

@@ -5,7 +5,7 @@ Reads only artifacts under ``results/{task}/`` and writes, beside them, ``report
 Markdown for a terminal), ``report.html`` (self-contained: PNGs embedded as base64, inline CSS),
 ``summary.csv`` (one row per model) and ``plots/*.png`` (matplotlib, Agg canvas).
 
-Which evaluation is which row (names as ``evaluate.default_eval_name`` derives them from a path):
+Which evaluation is which row (names as ``naming.default_eval_name`` derives them from a path):
 
 - Teacher (T*): ``eval/teacher-ckpt-{k}.json`` for k = ``best_index`` of ``teacher/checkpoints.json``
   (the checkpoint with the best validation metric), i.e. ``evaluate --model teacher/ckpt-{k}``.
@@ -39,9 +39,9 @@ import pandas as pd
 
 from scd_pipeline.config import task_dir, write_effective_config
 from scd_pipeline.errors import DataError
-from scd_pipeline.evaluate import default_eval_name
 from scd_pipeline.io import atomic_dir, atomic_path, read_json
 from scd_pipeline.metrics import CHOICE_METRICS, LIST_METRICS, primary_metric
+from scd_pipeline.naming import default_eval_name
 
 METHOD_LABELS = {"td": "TD", "cd": "CD", "taid": "TAID", "scd": "SCD", "scd_aw": "SCD+AW"}
 METRIC_LABELS = {"accuracy": "Accuracy", "kappa": "Kappa", "macro_f1": "Macro-F1",

@@ -1,10 +1,14 @@
 # Stage: evaluate the base teacher, every teacher checkpoint, the SFT student and every
 # distilled student; then the report.
 
+from scd_pipeline.naming import default_eval_name
+
+# Evaluation name -> distilled student (names as `scd-pipeline evaluate` and the report derive them).
+STUDENT_OF_EVAL = {default_eval_name(f"students/{method}"): method for method in METHODS}
 EVAL_NAMES = (
     ["teacher_base", "student_sft"]
     + [f"teacher-ckpt-{k}" for k in CHECKPOINTS]
-    + list(METHODS)
+    + list(STUDENT_OF_EVAL)
 )
 
 
@@ -16,7 +20,7 @@ def model_to_evaluate(wildcards):
         return TASK_DIR + "/student_sft"
     if name.startswith("teacher-ckpt-"):
         return TASK_DIR + "/teacher/ckpt-" + name.removeprefix("teacher-ckpt-")
-    return TASK_DIR + "/students/" + name
+    return TASK_DIR + "/students/" + STUDENT_OF_EVAL[name]
 
 
 rule evaluate:
