@@ -379,7 +379,10 @@ def plot_schedule(name: str, phases: Sequence[dict], terms: pd.DataFrame, path: 
     axes[0].set_xticks(numbers)
     axes[0].set_xlabel("student phase k")
     axes[0].set_ylabel("teacher checkpoint c*")
-    axes[0].yaxis.get_major_locator().set_params(integer=True)
+    chosen = sorted({p["checkpoint"] for p in phases if isinstance(p["checkpoint"], int)})
+    if chosen:  # whole checkpoint numbers only, with room around a flat schedule
+        axes[0].set_yticks(range(chosen[0], chosen[-1] + 1))
+        axes[0].set_ylim(chosen[0] - 0.5, chosen[-1] + 0.5)
     axes[0].set_title(f"{method_label(name)} schedule: checkpoint distilled from in each phase")
     if len(terms):
         axes[1].bar(terms["phase"], terms["kl_best_to_c"], color="tab:orange", label="KL(T* || c*)")
