@@ -493,7 +493,8 @@ def run_distill(config: dict, method: str, weighting: str | None = None, name: s
     """
     from tqdm.auto import tqdm
 
-    from scd_pipeline.evaluate import check_data_tokenizer, load_model_or_adapter
+    from scd_pipeline.evaluate import check_data_tokenizer
+    from scd_pipeline.models import load_model
 
     settings = config["distill"]
     spec = parse_method(method, weighting)
@@ -523,7 +524,7 @@ def run_distill(config: dict, method: str, weighting: str | None = None, name: s
 
     accelerator = make_accelerator(settings["precision"])
     seed_everything(config["seed"])
-    model, tokenizer = load_model_or_adapter(paths.init, dtype="float32", device="cpu")
+    model, tokenizer = load_model(paths.init, dtype="float32", device="cpu")
     check_data_tokenizer(paths.data, tokenizer, paths.init)
     caches = {index: open_task_cache(config, index, tokenizer) for index in needed}  # verified
     for cache in caches.values():

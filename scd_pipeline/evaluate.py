@@ -34,60 +34,14 @@ from scd_pipeline.config import task_dir
 from scd_pipeline.errors import DataError, ModelError
 from scd_pipeline.io import atomic_path, read_json, write_json
 from scd_pipeline.metrics import choice_metrics, kappa_weights, list_metrics
+from scd_pipeline.models import load_model
 from scd_pipeline.naming import default_eval_name
-from scd_pipeline.tokenization import load_tokenizer, tokenizer_fingerprint
+from scd_pipeline.tokenization import tokenizer_fingerprint
 
 PREDICTION_COLUMNS = ["sample_id", "tag", "gold", "prediction", "gold_logprob"]
 
 
 # --- models --------------------------------------------------------------------------------------
-
-def _has_tokenizer(path: Path) -> bool:
-    return (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file()
-
-
-def adapter_base_path(adapter_dir: str | Path) -> Path:
-    """The base model directory recorded in a LoRA adapter's ``adapter_config.json``.
-
-    The recorded path is tried as written (relative to the working directory, as sft saves it)
-    and then relative to the adapter directory.
-    """
-    adapter_dir = Path(adapter_dir)
-    config_file = adapter_dir / "adapter_config.json"
-    recorded = read_json(config_file).get("base_model_name_or_path")
-    if not recorded:
-        raise ModelError(f"{config_file}: no base_model_name_or_path; cannot tell which base model "
-                         "the adapter belongs to")
-    for candidate in (Path(recorded), adapter_dir / recorded):
-        if candidate.is_dir():
-            return candidate
-    raise ModelError(f"{config_file}: base model {recorded} not found (run from the directory the "
-                     "adapter was trained in, or fix base_model_name_or_path)")
-
-
-def load_model_or_adapter(path: str | Path, dtype: str = "auto", device: str | None = None):
-    """Load any model the pipeline writes (base, checkpoint, LoRA adapter, student) for inference.
-
-    A LoRA adapter is merged into its base, so the result is a plain causal LM. ``dtype`` and
-    ``device`` as in ``models.load_model`` (auto: bf16 on a CUDA GPU, fp32 on CPU). Returns
-    ``(model, tokenizer)`` with the model in eval mode.
-    """
-    from scd_pipeline.models import load_model
-
-    path = Path(path)
-    if not path.is_dir():
-        raise ModelError(f"model directory {path}: not found (pass a directory written by "
-                         "prepare-model, sft or distill)")
-    if not (path / "adapter_config.json").is_file():
-        return load_model(path, dtype=dtype, device=device)
-    from peft import PeftModel
-
-    model, tokenizer = load_model(adapter_base_path(path), dtype=dtype, device=device)
-    model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
-    if _has_tokenizer(path):
-        tokenizer = load_tokenizer(path)
-    return model.eval(), tokenizer
-
 
 def check_data_tokenizer(data_dir: str | Path, tokenizer, model_path: str | Path) -> None:
     """Refuse a model whose tokenizer differs from the one the data manifest records."""
@@ -295,7 +249,7 @@ def evaluate(config: dict, model_path: str | Path, split: str | None = None,
     split_file = data_dir / f"{split}.parquet"
     frame = read_split(split_file)
     kind = split_kind(frame, str(split_file))
-    model, tokenizer = load_model_or_adapter(model_path)
+    model, tokenizer = load_model(model_path)
     first_parameter = next(model.parameters())
     check_data_tokenizer(data_dir, tokenizer, model_path)
     started = time.perf_counter()

@@ -92,8 +92,8 @@ def _first_line(exc: BaseException) -> str:
 
 def _check_model_dir(path: Path) -> None:
     if not path.exists():
-        raise ModelError(f"model directory {path}: not found (prepare it first, e.g. "
-                         "`scd-pipeline prepare-model --role teacher`)")
+        raise ModelError(f"model directory {path}: not found (pass a directory written by prepare-model, "
+                         "sft or distill)")
     if not path.is_dir():
         raise ModelError(f"model directory {path}: is a file; pass the directory that holds config.json")
     if not (path / "config.json").is_file():
@@ -110,15 +110,48 @@ def _from_pretrained(source: str, dtype: Any = "auto", **kwargs: Any):
         raise ModelError(f"model {source}: cannot be loaded ({_first_line(exc)})") from exc
 
 
-def load_model(path: str | Path, dtype: str = "auto", device: str | None = None):
-    """Open a prepared model directory for inference or training; return ``(model, tokenizer)``.
+def _has_tokenizer(path: Path) -> bool:
+    return (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file()
 
-    ``dtype="auto"`` is bfloat16 on a CUDA device that supports it, float32 otherwise (fastest on
-    CPU); ``device`` defaults to CUDA when available. The model is returned in eval mode.
+
+def adapter_base_path(adapter_dir: str | Path) -> Path:
+    """The base model directory recorded in a LoRA adapter's ``adapter_config.json``.
+
+    The recorded path is tried as written (relative to the working directory, as sft saves it)
+    and then relative to the adapter directory.
+    """
+    adapter_dir = Path(adapter_dir)
+    config_file = adapter_dir / "adapter_config.json"
+    recorded = read_json(config_file).get("base_model_name_or_path")
+    if not recorded:
+        raise ModelError(f"{config_file}: no base_model_name_or_path; cannot tell which base model "
+                         "the adapter belongs to")
+    for candidate in (Path(recorded), adapter_dir / recorded):
+        if candidate.is_dir():
+            return candidate
+    raise ModelError(f"{config_file}: base model {recorded} not found (run from the directory the "
+                     "adapter was trained in, or fix base_model_name_or_path)")
+
+
+def load_model(path: str | Path, dtype: str = "auto", device: str | None = None):
+    """Open any model directory the pipeline writes; return ``(model, tokenizer)`` in eval mode.
+
+    A LoRA adapter directory (``adapter_config.json``, as ``sft.mode: lora`` writes) is merged
+    into the base it records, so every stage gets a plain causal LM. ``dtype="auto"`` is bfloat16
+    on a CUDA device that supports it, float32 otherwise (fastest on CPU); ``device`` defaults to
+    CUDA when available.
     """
     import torch
 
     path = Path(path)
+    if path.is_dir() and (path / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        model, tokenizer = load_model(adapter_base_path(path), dtype=dtype, device=device)
+        model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+        if _has_tokenizer(path):
+            tokenizer = load_tokenizer(path)
+        return model.eval(), tokenizer
     _check_model_dir(path)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"

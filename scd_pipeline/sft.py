@@ -33,13 +33,13 @@ from scd_pipeline.evaluate import (
     check_data_tokenizer,
     choice_categories,
     json_safe,
-    load_model_or_adapter,
     predict_split,
     split_kind,
     summarise,
 )
 from scd_pipeline.io import atomic_dir, sha256_file, sha256_text, write_json
 from scd_pipeline.metrics import kappa_weights, primary_metric
+from scd_pipeline.models import load_model
 from scd_pipeline.training import (
     CompletionLM,
     PlannedStep,
@@ -190,7 +190,7 @@ def run_sft(config: dict, role: str, after_step: Callable[[int], None] | None = 
 
     accelerator = make_accelerator(sft["precision"])
     seed_everything(config["seed"])
-    model, tokenizer = load_model_or_adapter(paths.base_model, dtype="float32", device="cpu")
+    model, tokenizer = load_model(paths.base_model, dtype="float32", device="cpu")
     check_data_tokenizer(paths.data, tokenizer, paths.base_model)
     if sft["mode"] == "lora":
         model = _apply_lora(model, sft["lora"])

@@ -20,10 +20,10 @@ from scd_pipeline.evaluate import (
     PREDICTION_COLUMNS,
     default_eval_name,
     evaluate,
-    load_model_or_adapter,
     parse_list_output,
 )
 from scd_pipeline.metrics import exact_f1, partial_f1
+from scd_pipeline.models import load_model
 from scd_pipeline.tiny import byte_level_tokenizer, tiny_llama
 
 LETTERS = ["A", "B", "C", "D"]
@@ -208,7 +208,7 @@ def test_lora_adapter_directory_is_evaluated_as_its_merged_model(tmp_path):
     tokenizer = byte_level_tokenizer()
     write_splits(tmp_path, {"test": choice_rows(tokenizer, 0, 8)})
     base_dir = save_model(tiny_llama(tokenizer, seed=7), tokenizer, tmp_path / "models" / "teacher_base")
-    base_model, _ = load_model_or_adapter(base_dir)
+    base_model, _ = load_model(base_dir)
     adapted = get_peft_model(base_model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
                                                     init_lora_weights=False))
     adapted.peft_config["default"].base_model_name_or_path = str(base_dir)

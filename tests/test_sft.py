@@ -15,7 +15,8 @@ from test_evaluate import one_torch_thread, tiny_config, write_choice_task  # no
 from scd_pipeline import sft as sft_module
 from scd_pipeline.batching import frame_batch
 from scd_pipeline.errors import ConfigError
-from scd_pipeline.evaluate import load_model_or_adapter, mean_gold_nll, predict_split
+from scd_pipeline.evaluate import mean_gold_nll, predict_split
+from scd_pipeline.models import load_model
 from scd_pipeline.sft import backward_step, best_checkpoint_index, run_sft, sft_paths
 from scd_pipeline.tiny import byte_level_tokenizer, tiny_llama
 from scd_pipeline.training import (
@@ -139,7 +140,7 @@ def test_teacher_run_writes_evenly_spaced_checkpoints_with_their_validation(teac
     files = {p.name for p in (out / "ckpt-2").iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= files
     assert not [name for name in files if name.endswith((".bin", ".pkl", ".pt"))]
-    model, tokenizer = load_model_or_adapter(out / "ckpt-2")
+    model, tokenizer = load_model(out / "ckpt-2")
     val = pd.read_parquet(out.parent / "data" / "val.parquet")
     predictions = predict_split(model, tokenizer, val, 8, 8)
     assert records[1]["val_loss"] == pytest.approx(mean_gold_nll(predictions), rel=1e-5)
