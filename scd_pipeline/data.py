@@ -524,7 +524,7 @@ def load_demo(demo: dict) -> TaskSource:
     if demo["test_size"] >= demo["n_examples"]:
         raise ConfigError(f"config key data.demo.test_size: {demo['test_size']} leaves no training "
                           f"rows of data.demo.n_examples={demo['n_examples']}")
-    rows = generate_demo(demo["n_examples"], demo["seed"], demo["conflict_share"])
+    rows = generate_demo(demo["n_examples"], demo["seed"], demo["tag_shares"])
     examples = []
     for index, row in enumerate(rows):
         origin = f"demo generator: row {index + 1}"

@@ -5,12 +5,13 @@ naming a drug and an adverse event, followed by the question how likely the drug
 and four ordered options (A. unrelated, B. unlikely, C. probable, D. certain). The gold label
 follows from the cues in the snippet by the rule in ``RULE_DOC``; ``label_case`` implements it on a
 cue record (``Cues``), and every generated row's label is ``label_case`` of the cues it was rendered
-from. The same ``(n_examples, seed, conflict_share)`` always gives the same rows.
+from. The same ``(n_examples, seed, tag_shares)`` always gives the same rows.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -56,8 +57,10 @@ Sub-categories (tag), each with its four labels in equal numbers (up to rounding
   hospital days to subtract; an onset before the first dose is worded with "after" and "earlier"
   as often as one after it), with at most two cues agreeing with it: reading the number decides.
 - conflicting (hard): two to four cues pointing both ways, to be weighed by their points.
-conflict_share is the share of rows tagged conflicting (rounded to whole rows), which are exactly
-the rows whose cues conflict; the other three tags split the remaining rows equally. Cases with
+tag_shares gives each tag's share of the rows (rounded to whole rows, summing to n_examples); the
+rows tagged conflicting are exactly the rows whose cues conflict. The default leans to the easy
+tags (0.4 single_cue, 0.3 agreeing_cues, 0.15 temporal, 0.15 conflicting) so that a small teacher
+learns the task within a short run and the hard tags separate it from a smaller student. Cases with
 at most one cue sentence get one irrelevant history sentence (a distractor) 40% of the time,
 about a fifth of all cases.
 """
@@ -460,22 +463,31 @@ def _render(rng: random.Random, cues: Cues, onset_style: str) -> tuple[str, str,
 # ----------------------------------------------------------------------------------------------
 # Generation
 
-def _check_arguments(n_examples: int, conflict_share: float) -> None:
+DEFAULT_TAG_SHARES = {"single_cue": 0.4, "agreeing_cues": 0.3, "temporal": 0.15, "conflicting": 0.15}
+
+
+def _check_arguments(n_examples: int, tag_shares: Mapping[str, float]) -> None:
     if isinstance(n_examples, bool) or not isinstance(n_examples, int) or n_examples < 20:
         raise ConfigError(f"config key data.demo.n_examples: {n_examples!r} is too small "
                           "(the demo task needs at least 20 rows)")
-    if not isinstance(conflict_share, (int, float)) or not 0.0 <= conflict_share <= 1.0:
-        raise ConfigError(f"config key data.demo.conflict_share: {conflict_share!r} is not a "
-                          "share between 0 and 1")
+    if not isinstance(tag_shares, Mapping) or set(tag_shares) != set(TAGS):
+        raise ConfigError(f"config key data.demo.tag_shares: {tag_shares!r} must give a share for each "
+                          f"of the tags {', '.join(TAGS)}")
+    shares = list(tag_shares.values())
+    if (any(isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 for v in shares)
+            or abs(sum(shares) - 1.0) > 1e-6):
+        raise ConfigError(f"config key data.demo.tag_shares: {dict(tag_shares)!r} must be shares of "
+                          "at least 0 that sum to 1")
 
 
-def _tag_counts(n_examples: int, conflict_share: float) -> dict[str, int]:
-    """Rows per tag: the conflicting share exactly (rounded), the rest split evenly."""
-    n_conflicting = int(n_examples * conflict_share + 0.5)
-    others = TAGS[:-1]
-    base, extra = divmod(n_examples - n_conflicting, len(others))
-    counts = {tag: base + (1 if index < extra else 0) for index, tag in enumerate(others)}
-    counts["conflicting"] = n_conflicting
+def _tag_counts(n_examples: int, tag_shares: Mapping[str, float]) -> dict[str, int]:
+    """Rows per tag: each share of ``n_examples`` rounded, the rounding remainder given to the tags
+    with the largest fractional parts (TAGS order breaks ties), so the counts sum to n_examples."""
+    exact = {tag: n_examples * float(tag_shares[tag]) for tag in TAGS}
+    counts = {tag: int(value) for tag, value in exact.items()}
+    by_fraction = sorted(TAGS, key=lambda tag: (-(exact[tag] - counts[tag]), TAGS.index(tag)))
+    for tag in by_fraction[: n_examples - sum(counts.values())]:
+        counts[tag] += 1
     return counts
 
 
@@ -497,12 +509,13 @@ def _sample_case(rng: random.Random, tag: str, label: int) -> _Case:
     raise RuntimeError(f"demo generator: no {tag} case with label {LABELS[label]}")  # a bug here
 
 
-def _generate_cases(n_examples: int, seed: int, conflict_share: float) -> list[_Case]:
+def _generate_cases(n_examples: int, seed: int,
+                    tag_shares: Mapping[str, float] = DEFAULT_TAG_SHARES) -> list[_Case]:
     """The cases behind ``generate_demo``, with their cue records, in row order."""
-    _check_arguments(n_examples, conflict_share)
+    _check_arguments(n_examples, tag_shares)
     rng = random.Random(seed)
     plan: list[tuple[str, int]] = []
-    for tag, count in _tag_counts(n_examples, conflict_share).items():
+    for tag, count in _tag_counts(n_examples, tag_shares).items():
         # Labels balanced within each tag: cycle through the four, in shuffled order.
         labels = [index % len(LABELS) for index in range(count)]
         rng.shuffle(labels)
@@ -517,14 +530,15 @@ def _question(case: _Case) -> str:
             f"{options}\nAnswer with the letter only.")
 
 
-def generate_demo(n_examples: int, seed: int, conflict_share: float) -> list[dict]:
+def generate_demo(n_examples: int, seed: int,
+                  tag_shares: Mapping[str, float] = DEFAULT_TAG_SHARES) -> list[dict]:
     """Rows of the demo ADE-causality task: sample_id, tag, question, choices, answer, label.
 
-    Deterministic: the same arguments give the same rows. ``conflict_share`` is the share of
-    rows (tag ``conflicting``) whose cues point both ways; labels follow RULE_DOC.
+    Deterministic: the same arguments give the same rows. ``tag_shares`` is each tag's share of
+    the rows (tag ``conflicting``: the rows whose cues point both ways); labels follow RULE_DOC.
     """
     rows = []
-    for index, case in enumerate(_generate_cases(n_examples, seed, conflict_share)):
+    for index, case in enumerate(_generate_cases(n_examples, seed, tag_shares)):
         label = label_case(case.cues)
         rows.append({"sample_id": f"demo-{index:05d}", "tag": case.tag, "question": _question(case),
                      "choices": list(LETTERS), "answer": LETTERS[label], "label": label})

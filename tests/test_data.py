@@ -329,14 +329,17 @@ def test_same_config_gives_the_same_bytes(tmp_path, tiny_tokenizer_dir, jmed_roo
 # Demo, PubMedQA, custom
 
 
+SHARES = {"single_cue": 0.4, "agreeing_cues": 0.3, "temporal": 0.15, "conflicting": 0.15}
+
+
 def test_demo_takes_the_last_rows_as_test(tmp_path, tiny_tokenizer_dir, monkeypatch):
-    def generate_demo(n_examples, seed, conflict_share):
+    def generate_demo(n_examples, seed, tag_shares):
         return [{"sample_id": f"demo-{i:05d}", "tag": "t", "question": f"case {i}: {'x' * 30}\nA. no\nB. yes\nAnswer.",
                  "choices": ["A", "B"], "answer": "AB"[i % 2], "label": i % 2} for i in range(n_examples)]
 
     monkeypatch.setitem(sys.modules, "scd_pipeline.demo", types.SimpleNamespace(generate_demo=generate_demo))
     config = make_config(tmp_path, "demo", demo={"n_examples": 30, "test_size": 10, "seed": 1,
-                                                 "conflict_share": 0.25}, max_length=50, system_prompt="")
+                                                 "tag_shares": SHARES}, max_length=50, system_prompt="")
     splits = read_splits(prepare_data(config, tiny_tokenizer_dir))
     assert splits["test"].sample_id.tolist() == [f"demo-{i:05d}" for i in range(20, 30)]
     assert len(splits["val"]) == 2 and len(splits["train"]) == 18
@@ -353,9 +356,9 @@ def test_demo_takes_the_last_rows_as_test(tmp_path, tiny_tokenizer_dir, monkeypa
 def test_demo_with_the_real_generator(tmp_path, tiny_tokenizer_dir):
     demo = pytest.importorskip("scd_pipeline.demo")
     config = make_config(tmp_path, "demo", demo={"n_examples": 60, "test_size": 20, "seed": 7,
-                                                 "conflict_share": 0.25})
+                                                 "tag_shares": SHARES})
     splits = read_splits(prepare_data(config, tiny_tokenizer_dir))
-    generated = demo.generate_demo(60, 7, 0.25)
+    generated = demo.generate_demo(60, 7, SHARES)
     assert splits["test"].sample_id.tolist() == [row["sample_id"] for row in generated[40:]]
     assert splits["test"].question.tolist() == [row["question"] for row in generated[40:]]
     assert {name: len(frame) for name, frame in splits.items()} == {"train": 36, "val": 4, "test": 20}

@@ -25,7 +25,9 @@ from scd_pipeline.demo import (
 )
 from scd_pipeline.errors import ConfigError
 
-DEFAULT = {"n_examples": 2400, "seed": 1234, "conflict_share": 0.25}   # config.yaml data.demo
+DEFAULT = {"n_examples": 2400, "seed": 1234,                          # config.yaml data.demo
+           "tag_shares": {"single_cue": 0.4, "agreeing_cues": 0.3, "temporal": 0.15, "conflicting": 0.15}}
+EVEN = {"single_cue": 0.25, "agreeing_cues": 0.25, "temporal": 0.25, "conflicting": 0.25}
 ROW_KEYS = {"sample_id", "tag", "question", "choices", "answer", "label"}
 
 
@@ -88,15 +90,15 @@ def test_cues_conflict_when_they_point_both_ways(cues, conflict):
 def test_rule_doc_names_every_label_tag_and_the_window():
     for name in LABELS + TAGS:
         assert name in RULE_DOC
-    assert "28 days" in RULE_DOC and "conflict_share" in RULE_DOC
+    assert "28 days" in RULE_DOC and "tag_shares" in RULE_DOC
 
 
 # ---------------------------------------------------------------- generated rows
 
 def test_same_arguments_give_the_same_bytes_and_another_seed_differs():
-    first = generate_demo(200, 7, 0.25)
-    again = generate_demo(200, 7, 0.25)
-    other = generate_demo(200, 8, 0.25)
+    first = generate_demo(200, 7, EVEN)
+    again = generate_demo(200, 7, EVEN)
+    other = generate_demo(200, 8, EVEN)
     assert json.dumps(first) == json.dumps(again)
     assert [row["question"] for row in other] != [row["question"] for row in first]
 
@@ -132,12 +134,32 @@ def test_four_tags_and_every_label_at_least_15_percent(default_rows):
         assert min(in_tag[index] for index in range(len(LABELS))) >= 0.2 * by_tag[tag], tag
 
 
-@pytest.mark.parametrize("conflict_share", [0.0, 0.1, 0.25, 0.5])
-def test_conflict_share_is_the_share_of_cases_whose_cues_conflict(conflict_share):
-    cases = _generate_cases(400, 3, conflict_share)
+def _shares(conflicting: float) -> dict[str, float]:
+    rest = (1.0 - conflicting) / 3
+    return {"single_cue": rest, "agreeing_cues": rest, "temporal": rest, "conflicting": conflicting}
+
+
+@pytest.mark.parametrize("conflicting_share", [0.0, 0.1, 0.25, 0.5])
+def test_conflicting_share_is_the_share_of_cases_whose_cues_conflict(conflicting_share):
+    cases = _generate_cases(400, 3, _shares(conflicting_share))
     conflicting = [cues_conflict(case.cues) for case in cases]
-    assert abs(sum(conflicting) / len(cases) - conflict_share) <= 0.03
+    assert abs(sum(conflicting) / len(cases) - conflicting_share) <= 0.03
     assert conflicting == [case.tag == "conflicting" for case in cases]
+
+
+@pytest.mark.parametrize("n, shares, counts", [
+    (2400, DEFAULT["tag_shares"], [960, 720, 360, 360]),
+    (20, EVEN, [5, 5, 5, 5]),
+    # 21 * (0.4, 0.3, 0.15, 0.15) = 8.4, 6.3, 3.15, 3.15: floors 8+6+3+3 = 20, the one left over
+    # goes to the largest fraction (single_cue, 0.4)
+    (21, DEFAULT["tag_shares"], [9, 6, 3, 3]),
+    # 22 * 0.25 = 5.5 each: floors 20, the two left over go to the first tags in TAGS order
+    (22, EVEN, [6, 6, 5, 5]),
+])
+def test_tag_counts_follow_the_shares_and_sum_to_n(n, shares, counts):
+    cases = _generate_cases(n, 0, shares)
+    by_tag = collections.Counter(case.tag for case in cases)
+    assert [by_tag[tag] for tag in TAGS] == counts and sum(counts) == n
 
 
 def _written_onset_days(snippet: str) -> int | None:
@@ -159,13 +181,15 @@ def test_temporal_snippets_write_the_onset_of_their_cue_record(default_cases):
 
 
 def test_smallest_and_edge_arguments_work_and_bad_ones_name_the_key():
-    rows = generate_demo(20, 0, 0.25)
+    rows = generate_demo(20, 0, EVEN)
     assert len(rows) == 20 and sum(row["tag"] == "conflicting" for row in rows) == 5
-    assert all(row["tag"] == "conflicting" for row in generate_demo(20, 0, 1.0))
+    assert all(row["tag"] == "conflicting" for row in generate_demo(20, 0, _shares(1.0)))
     with pytest.raises(ConfigError, match="data.demo.n_examples"):
-        generate_demo(19, 0, 0.25)
-    with pytest.raises(ConfigError, match="data.demo.conflict_share"):
-        generate_demo(100, 0, 1.5)
+        generate_demo(19, 0, EVEN)
+    with pytest.raises(ConfigError, match="data.demo.tag_shares: .* sum to 1"):
+        generate_demo(100, 0, {**EVEN, "conflicting": 0.5})
+    with pytest.raises(ConfigError, match="data.demo.tag_shares: .* each of the tags"):
+        generate_demo(100, 0, {"single_cue": 1.0})
 
 
 # ---------------------------------------------------------------- length with SmolLM2's tokenizer
@@ -186,7 +210,7 @@ def smollm2_tokenizer():
     return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
 
 
-@pytest.mark.parametrize("arguments", [DEFAULT, {"n_examples": 2400, "seed": 5, "conflict_share": 0.6}])
+@pytest.mark.parametrize("arguments", [DEFAULT, {"n_examples": 2400, "seed": 5, "tag_shares": _shares(0.6)}])
 def test_case_snippets_fit_64_smollm2_tokens(smollm2_tokenizer, arguments):
     snippets = [case.snippet for case in _generate_cases(**arguments)]
     lengths = [len(ids) for ids in
