@@ -42,7 +42,15 @@ import pyarrow.parquet as pq
 import torch
 from _common import format_table, load_bench_model, machine_line, prepared_split, timed
 
-from scd_pipeline.cache import PARQUET_OPTIONS, open_cache, score_batches, write_logit_cache
+from scd_pipeline.cache import (
+    LOGPROB_STEP,
+    PARQUET_OPTIONS,
+    decode_logprobs,
+    encode_logprobs,
+    open_cache,
+    score_batches,
+    write_logit_cache,
+)
 from scd_pipeline.losses import SparseTarget
 
 DISTILLKIT_BYTES_PER_TOKEN = {50: 114.0, 128: 300.0}  # published figures of its compressed cache
@@ -76,16 +84,13 @@ class ReplayTeacher(torch.nn.Module):
         return SimpleNamespace(last_hidden_state=self._hidden[key])
 
 
-LOGPROB_STEP = 0.1  # nats per code of the 8-bit log-prob variant: codes 0..255 cover [-25.5, 0]
-
-
 def quantize_logprobs(logprobs: np.ndarray) -> np.ndarray:
-    """8-bit codes of log-probs on a uniform grid of ``LOGPROB_STEP`` nats (below -25.5 clamps)."""
-    return np.clip(np.rint(-logprobs.astype(np.float32) / LOGPROB_STEP), 0, 255).astype(np.uint8)
+    """The package's 8-bit codes (``cache.dtype: int8``) of these log-probs."""
+    return encode_logprobs(logprobs, "int8")
 
 
 def dequantize_logprobs(codes: np.ndarray) -> np.ndarray:
-    return -codes.astype(np.float32) * LOGPROB_STEP
+    return decode_logprobs(codes, {"dtype": "int8", "logprob_step": LOGPROB_STEP})
 
 
 def column_bytes(path: Path) -> dict[str, int]:
@@ -191,7 +196,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--samples", type=int, nargs="+", default=[64, 16],
                         help="training samples per task (one value, or one per task)")
     parser.add_argument("--ks", type=int, nargs="+", default=[8, 16, 32, 50, 64, 128], help="top-k values")
-    parser.add_argument("--dtypes", nargs="+", default=["fp16", "fp32"], choices=["fp16", "fp32"])
+    parser.add_argument("--dtypes", nargs="+", default=["fp16", "fp32", "int8"], choices=["fp16", "fp32", "int8"])
     parser.add_argument("--batch-size", type=int, default=8, help="teacher batch size")
     parser.add_argument("--encodings-k", type=int, default=50,
                         help="also rewrite the fp16 cache of this k with other Parquet encodings (0: skip)")

@@ -50,9 +50,14 @@ from scd_pipeline.losses import SparseTarget
 from scd_pipeline.tokenization import tokenizer_fingerprint
 
 CACHE_FORMAT = "scd-teacher-logits"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2               # 2: adds cache.dtype int8 (8-bit log-prob codes); 1 files still read
 PARQUET_META_KEY = b"scd_cache"  # the sidecar's identity fields, also inside the Parquet footer
-LOGPROB_DTYPES = {"fp16": np.float16, "fp32": np.float32}
+LOGPROB_DTYPES = {"fp16": np.float16, "fp32": np.float32, "int8": np.uint8}
+# int8: a top-k log-prob is stored as the code round(-logprob / LOGPROB_STEP) in 0..255 (uint8) and
+# read back as -code * LOGPROB_STEP; values below -25.5 nats (p < 1e-11) clamp to code 255. The
+# 0.05-nat rounding is far below the top-k truncation error (benchmarks/RESULTS.md §1), and the
+# losses renormalise the cached buckets, so the rounding never adds up to mass that is not there.
+LOGPROB_STEP = 0.1
 # Measured on SmolLM2 demo caches (k=50, fp16): plain zstd 148 B/token; dictionary-encoded ids
 # (top-k ids repeat across tokens; a dictionary holds at most the vocabulary) and byte-stream-split
 # log-probs at zstd level 6: 125 B/token, still ~70k tokens/s to write on one CPU core.
@@ -77,6 +82,21 @@ def sidecar_path(parquet: str | Path) -> Path:
     """``ckpt-{k}.parquet`` -> ``ckpt-{k}.meta.json`` beside it."""
     parquet = Path(parquet)
     return parquet.with_name(parquet.name.removesuffix(".parquet") + ".meta.json")
+
+
+def encode_logprobs(logprobs: np.ndarray, dtype: str) -> np.ndarray:
+    """Top-k log-probs (fp32) as stored under ``cache.dtype`` (fp16, fp32, or int8 codes)."""
+    if dtype == "int8":
+        codes = np.nan_to_num(-np.asarray(logprobs, np.float32) / LOGPROB_STEP, nan=255.0, posinf=255.0)
+        return np.clip(np.rint(codes), 0, 255).astype(np.uint8)
+    return np.asarray(logprobs).astype(LOGPROB_DTYPES[dtype])
+
+
+def decode_logprobs(stored: np.ndarray, meta: dict) -> np.ndarray:
+    """Stored top-k log-probs back to fp32 log-probs, by the cache's sidecar ``dtype``."""
+    if meta.get("dtype") == "int8":
+        return stored.astype(np.float32) * -float(meta.get("logprob_step", LOGPROB_STEP))
+    return stored.astype(np.float32)
 
 
 def id_dtype_for(vocab_size: int) -> np.dtype:
@@ -315,9 +335,10 @@ def write_logit_cache(model, frame: pd.DataFrame, out_path: str | Path, identity
         raise ConfigError(f"config key cache.top_k: {top_k} must be between 1 and the vocabulary size {vocab_size}")
     if dtype not in LOGPROB_DTYPES:
         raise ConfigError(f"config key cache.dtype: {dtype!r} is not one of {sorted(LOGPROB_DTYPES)}")
-    id_dtype, logprob_dtype = id_dtype_for(vocab_size), LOGPROB_DTYPES[dtype]
+    id_dtype = id_dtype_for(vocab_size)
     meta = {"format": CACHE_FORMAT, "format_version": FORMAT_VERSION, "uid": uuid.uuid4().hex,
-            "k": top_k, "dtype": dtype, "id_dtype": id_dtype.name, "temperature": float(temperature),
+            "k": top_k, "dtype": dtype, **({"logprob_step": LOGPROB_STEP} if dtype == "int8" else {}),
+            "id_dtype": id_dtype.name, "temperature": float(temperature),
             "vocab_size": vocab_size, **identity, "correct_rule": CORRECT_RULE,
             "nll": "gold NLL at temperature 1 over the completion tokens (nll_mean = nll_sum / n_tokens)",
             "row_order": "inference order (samples sorted by length); look samples up by sample_id",
@@ -336,7 +357,7 @@ def write_logit_cache(model, frame: pd.DataFrame, out_path: str | Path, identity
             for scored in score_batches(model, frame, batch_size, pad_id):
                 target = SparseTarget.from_logits(scored.logits, top_k, temperature)
                 pending += _split_samples(scored, sample_ids, target.ids.cpu().numpy().astype(id_dtype),
-                                          target.logprobs.cpu().numpy().astype(logprob_dtype),
+                                          encode_logprobs(target.logprobs.cpu().numpy(), dtype),
                                           target.tail_logmass.cpu().numpy().astype(np.float32))
                 while len(pending) >= rows_per_group:
                     writer.write_table(_group_table(pending[:rows_per_group], schema, top_k))
@@ -478,7 +499,7 @@ class LogitCache:
         if tail.size != counts.sum() or ids.size != tail.size * self.k or logprobs.size != ids.size:
             raise DataError(f"{self.path}: row group {group} has inconsistent token lists; re-run cache-logits")
         decoded = _DecodedGroup(np.concatenate([[0], np.cumsum(counts)]), ids.reshape(-1, self.k),
-                                logprobs.reshape(-1, self.k), tail)
+                                decode_logprobs(logprobs, self.meta).reshape(-1, self.k), tail)
         self._groups[group] = decoded
         if len(self._groups) > self._max_groups:
             self._groups.popitem(last=False)
@@ -523,6 +544,13 @@ def _read_sidecar(path: Path) -> dict:
         raise DataError(f"{sidecar}: not valid JSON ({exc.__class__.__name__}); re-run cache-logits") from exc
     if not isinstance(meta, dict) or meta.get("format") != CACHE_FORMAT:
         raise DataError(f"{sidecar}: not a {CACHE_FORMAT} sidecar; re-run cache-logits")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+        raise DataError(f"{sidecar}: cache format version {version!r} is not one this scd-pipeline reads "
+                        f"(1..{FORMAT_VERSION}); re-run cache-logits with this version")
+    if meta.get("dtype") not in LOGPROB_DTYPES:
+        raise DataError(f"{sidecar}: log-prob dtype {meta.get('dtype')!r} is not one of "
+                        f"{sorted(LOGPROB_DTYPES)}; re-run cache-logits")
     return meta
 
 

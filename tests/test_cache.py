@@ -159,6 +159,45 @@ def test_fp16_cache_rounds_log_probs_to_half_precision(task_root):
     assert (target.logprobs - exact).abs().max() < 5e-3
 
 
+def test_int8_cache_stores_codes_on_a_tenth_of_a_nat_and_reads_them_back(task_root, task_copy):
+    config = tiny_config(task_copy, **{"cache.top_k": 8, "cache.dtype": "int8"})
+    meta = cache.cache_logits(config, 1)
+    assert (meta["dtype"], meta["logprob_step"], meta["format_version"]) == ("int8", 0.1, 2)
+    stored = pq.read_table(cache.cache_path(task_copy / "demo", 1)).column("topk_logprobs")
+    assert stored.type.value_type.value_type == pa.uint8()
+    ids = ["demo-00003", "demo-00008", "demo-00004"]
+    dense, _ = dense_logprobs(task_copy, 1, ids)
+    target = cache.open_task_cache(config, 1).targets(ids)
+    exact = dense.gather(1, target.ids)
+    # code = round(-logprob / 0.1), read back as -0.1 * code: within half a step, on the grid
+    assert (target.logprobs - exact).abs().max() <= 0.05 + 1e-6
+    codes = -target.logprobs / 0.1
+    torch.testing.assert_close(codes, codes.round(), rtol=0, atol=1e-4)
+    # the same ids and tail as the fp16 cache of this checkpoint, in a smaller file
+    fp16_config = tiny_config(task_root, **{"cache.top_k": 8})
+    fp16 = cache.open_task_cache(fp16_config, 1).targets(ids)
+    assert torch.equal(target.ids, fp16.ids) and torch.equal(target.tail_logmass, fp16.tail_logmass)
+    fp16_bytes = json.loads(cache.sidecar_path(cache.cache_path(task_root / "demo", 1)).read_text())["file_bytes"]
+    assert meta["file_bytes"] < fp16_bytes
+
+
+def test_int8_codes_by_hand():
+    values = np.array([0.0, -0.04, -0.05001, -1.26, -25.5, -40.0, -np.inf], dtype=np.float32)
+    codes = cache.encode_logprobs(values, "int8")
+    assert codes.dtype == np.uint8 and codes.tolist() == [0, 0, 1, 13, 255, 255, 255]
+    decoded = cache.decode_logprobs(codes, {"dtype": "int8", "logprob_step": 0.1})
+    np.testing.assert_allclose(decoded, [0.0, 0.0, -0.1, -1.3, -25.5, -25.5, -25.5], atol=1e-6)
+
+
+def test_refuses_a_cache_of_a_newer_format(task_copy):
+    config = tiny_config(task_copy, **{"cache.top_k": 8})
+    sidecar = cache.sidecar_path(cache.cache_path(task_copy / "demo", 1))
+    meta = json.loads(sidecar.read_text())
+    sidecar.write_text(json.dumps({**meta, "format_version": cache.FORMAT_VERSION + 1}))
+    with pytest.raises(DataError, match="format version"):
+        cache.open_task_cache(config, 1)
+
+
 def test_per_sample_gold_nll_and_correctness(task_root):
     reader = cache.open_task_cache(tiny_config(task_root, **{"cache.top_k": 8}), 2)
     stats = reader.stats().set_index("sample_id")
