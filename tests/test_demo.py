@@ -26,7 +26,7 @@ from scd_pipeline.demo import (
 from scd_pipeline.errors import ConfigError
 
 DEFAULT = {"n_examples": 2400, "seed": 1234,                          # config.yaml data.demo
-           "tag_shares": {"single_cue": 0.4, "agreeing_cues": 0.3, "temporal": 0.15, "conflicting": 0.15}}
+           "tag_shares": {"single_cue": 0.6, "agreeing_cues": 0.2, "temporal": 0.1, "conflicting": 0.1}}
 EVEN = {"single_cue": 0.25, "agreeing_cues": 0.25, "temporal": 0.25, "conflicting": 0.25}
 ROW_KEYS = {"sample_id", "tag", "question", "choices", "answer", "label"}
 
@@ -148,11 +148,11 @@ def test_conflicting_share_is_the_share_of_cases_whose_cues_conflict(conflicting
 
 
 @pytest.mark.parametrize("n, shares, counts", [
-    (2400, DEFAULT["tag_shares"], [960, 720, 360, 360]),
+    (2400, DEFAULT["tag_shares"], [1440, 480, 240, 240]),
     (20, EVEN, [5, 5, 5, 5]),
-    # 21 * (0.4, 0.3, 0.15, 0.15) = 8.4, 6.3, 3.15, 3.15: floors 8+6+3+3 = 20, the one left over
-    # goes to the largest fraction (single_cue, 0.4)
-    (21, DEFAULT["tag_shares"], [9, 6, 3, 3]),
+    # 21 * (0.6, 0.2, 0.1, 0.1) = 12.6, 4.2, 2.1, 2.1: floors 12+4+2+2 = 20, the one left over
+    # goes to the largest fraction (single_cue, 0.6)
+    (21, DEFAULT["tag_shares"], [13, 4, 2, 2]),
     # 22 * 0.25 = 5.5 each: floors 20, the two left over go to the first tags in TAGS order
     (22, EVEN, [6, 6, 5, 5]),
 ])
