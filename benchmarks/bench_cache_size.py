@@ -35,7 +35,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import _common  # noqa: F401  (pins torch to one thread before anything imports it)
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -43,6 +42,7 @@ import torch
 from _common import format_table, load_bench_model, machine_line, prepared_split, timed
 
 from scd_pipeline.cache import (
+    LOGPROB_DTYPES,
     LOGPROB_STEP,
     PARQUET_OPTIONS,
     decode_logprobs,
@@ -84,13 +84,7 @@ class ReplayTeacher(torch.nn.Module):
         return SimpleNamespace(last_hidden_state=self._hidden[key])
 
 
-def quantize_logprobs(logprobs: np.ndarray) -> np.ndarray:
-    """The package's 8-bit codes (``cache.dtype: int8``) of these log-probs."""
-    return encode_logprobs(logprobs, "int8")
-
-
-def dequantize_logprobs(codes: np.ndarray) -> np.ndarray:
-    return decode_logprobs(codes, {"dtype": "int8", "logprob_step": LOGPROB_STEP})
+INT8_META = {"dtype": "int8", "logprob_step": LOGPROB_STEP}
 
 
 def column_bytes(path: Path) -> dict[str, int]:
@@ -124,7 +118,7 @@ def measure_config(teacher: ReplayTeacher, frame: pd.DataFrame, workdir: Path, t
         cached = cache.targets(sample_ids[scored.batch.index].tolist(), scored.n_tokens.tolist())
         full = torch.log_softmax(scored.logits, dim=-1)
         kls.append(reconstruction_kl(full, cached))
-        coarse = torch.from_numpy(dequantize_logprobs(quantize_logprobs(cached.logprobs.numpy())))
+        coarse = torch.from_numpy(decode_logprobs(encode_logprobs(cached.logprobs.numpy(), "int8"), INT8_META))
         kls_8bit.append(reconstruction_kl(full, SparseTarget(cached.ids, coarse, cached.tail_logmass,
                                                              cached.vocab_size)))
         tails.append(cached.tail_logmass.exp())
@@ -161,7 +155,7 @@ def with_8bit_logprobs(table: pa.Table) -> pa.Table:
     """The cache table with ``topk_logprobs`` replaced by their 8-bit codes (same list shape)."""
     outer = table.column("topk_logprobs").combine_chunks()
     inner = outer.values
-    codes = quantize_logprobs(inner.values.to_numpy(zero_copy_only=False))
+    codes = encode_logprobs(inner.values.to_numpy(zero_copy_only=False), "int8")
     column = pa.ListArray.from_arrays(outer.offsets, pa.ListArray.from_arrays(inner.offsets, pa.array(codes)))
     return table.set_column(table.schema.get_field_index("topk_logprobs"), "topk_logprobs", column)
 
@@ -196,7 +190,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--samples", type=int, nargs="+", default=[64, 16],
                         help="training samples per task (one value, or one per task)")
     parser.add_argument("--ks", type=int, nargs="+", default=[8, 16, 32, 50, 64, 128], help="top-k values")
-    parser.add_argument("--dtypes", nargs="+", default=["fp16", "fp32", "int8"], choices=["fp16", "fp32", "int8"])
+    parser.add_argument("--dtypes", nargs="+", default=sorted(LOGPROB_DTYPES), choices=sorted(LOGPROB_DTYPES))
     parser.add_argument("--batch-size", type=int, default=8, help="teacher batch size")
     parser.add_argument("--encodings-k", type=int, default=50,
                         help="also rewrite the fp16 cache of this k with other Parquet encodings (0: skip)")

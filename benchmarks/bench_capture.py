@@ -36,7 +36,7 @@ from _common import (
 )
 
 from scd_pipeline.batching import completion_logits, frame_batch, length_grouped_batches
-from scd_pipeline.cache import write_logit_cache
+from scd_pipeline.cache import LOGPROB_DTYPES, write_logit_cache
 
 
 def parse_args() -> argparse.Namespace:
@@ -48,7 +48,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=64, help="training samples (first rows of the split)")
     parser.add_argument("--batch-size", type=int, default=16, help="teacher batch size (cache.batch_size)")
     parser.add_argument("--top-k", type=int, default=50, help="cache.top_k")
-    parser.add_argument("--dtype", default="fp16", choices=["fp16", "fp32"], help="cache.dtype")
+    parser.add_argument("--dtype", default="fp16", choices=sorted(LOGPROB_DTYPES), help="cache.dtype")
     parser.add_argument("--repeats", type=int, default=1, help="passes over all batches (after one warm-up batch)")
     return parser.parse_args()
 

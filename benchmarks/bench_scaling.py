@@ -30,7 +30,7 @@ from _common import (
     prepared_split,
 )
 
-from scd_pipeline.cache import write_logit_cache
+from scd_pipeline.cache import LOGPROB_DTYPES, write_logit_cache
 
 
 def capture(model, frame, path: Path, args: argparse.Namespace, pad_id: int) -> dict:
@@ -55,7 +55,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--checkpoint-samples", type=int, default=128, help="samples per checkpoint cache")
     parser.add_argument("--repeats", type=int, default=3, help="captures per sample count (median seconds)")
     parser.add_argument("--top-k", type=int, default=50)
-    parser.add_argument("--dtype", default="fp16", choices=["fp16", "fp32"])
+    parser.add_argument("--dtype", default="fp16", choices=sorted(LOGPROB_DTYPES))
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--full-samples", type=int, default=640, help="extrapolate to this many samples")
     parser.add_argument("--full-checkpoints", type=int, default=8, help="... and this many checkpoints")

@@ -160,7 +160,7 @@ def cache_logits_command(
         help="Teacher log-probs kept per completion token, plus one tail bucket (default: config "
         "cache.top_k).", show_default=False)] = None,
     dtype: Annotated[str | None, typer.Option(
-        help="Stored log-prob precision: fp16 or fp32 (default: config cache.dtype).", show_default=False)] = None,
+        help="Stored log-prob precision: fp16, fp32 or int8 (8-bit codes, 0.1 nat) (default: config cache.dtype).", show_default=False)] = None,
     temperature: Annotated[float | None, typer.Option(
         help="Teacher temperature applied before caching (default: config cache.temperature).",
         show_default=False)] = None,

@@ -58,10 +58,10 @@ Sub-categories (tag), each with its four labels in equal numbers (up to rounding
   as often as one after it), with at most two cues agreeing with it: reading the number decides.
 - conflicting (hard): two to four cues pointing both ways, to be weighed by their points.
 tag_shares gives each tag's share of the rows (rounded to whole rows, summing to n_examples); the
-rows tagged conflicting are exactly the rows whose cues conflict. The default leans to the easy
-tag (0.6 single_cue, 0.2 agreeing_cues, 0.1 temporal, 0.1 conflicting): from an even mix a short
-SmolLM2-135M run learns nothing but the label prior, since one cue's label changes with the cues
-beside it; with single cues in the majority it learns them first, then the rest. Cases with
+rows tagged conflicting are exactly the rows whose cues conflict. The default (config.yaml
+data.demo.tag_shares) leans to single_cue: from an even mix a short SmolLM2-135M run learns nothing
+but the label prior, since one cue's label changes with the cues beside it; with single cues in the
+majority it learns them first, then the rest. Cases with
 at most one cue sentence get one irrelevant history sentence (a distractor) 40% of the time,
 about a fifth of all cases.
 """
@@ -464,9 +464,6 @@ def _render(rng: random.Random, cues: Cues, onset_style: str) -> tuple[str, str,
 # ----------------------------------------------------------------------------------------------
 # Generation
 
-DEFAULT_TAG_SHARES = {"single_cue": 0.6, "agreeing_cues": 0.2, "temporal": 0.1, "conflicting": 0.1}
-
-
 def _check_arguments(n_examples: int, tag_shares: Mapping[str, float]) -> None:
     if isinstance(n_examples, bool) or not isinstance(n_examples, int) or n_examples < 20:
         raise ConfigError(f"config key data.demo.n_examples: {n_examples!r} is too small "
@@ -510,8 +507,7 @@ def _sample_case(rng: random.Random, tag: str, label: int) -> _Case:
     raise RuntimeError(f"demo generator: no {tag} case with label {LABELS[label]}")  # a bug here
 
 
-def _generate_cases(n_examples: int, seed: int,
-                    tag_shares: Mapping[str, float] = DEFAULT_TAG_SHARES) -> list[_Case]:
+def _generate_cases(n_examples: int, seed: int, tag_shares: Mapping[str, float]) -> list[_Case]:
     """The cases behind ``generate_demo``, with their cue records, in row order."""
     _check_arguments(n_examples, tag_shares)
     rng = random.Random(seed)
@@ -531,8 +527,7 @@ def _question(case: _Case) -> str:
             f"{options}\nAnswer with the letter only.")
 
 
-def generate_demo(n_examples: int, seed: int,
-                  tag_shares: Mapping[str, float] = DEFAULT_TAG_SHARES) -> list[dict]:
+def generate_demo(n_examples: int, seed: int, tag_shares: Mapping[str, float]) -> list[dict]:
     """Rows of the demo ADE-causality task: sample_id, tag, question, choices, answer, label.
 
     Deterministic: the same arguments give the same rows. ``tag_shares`` is each tag's share of

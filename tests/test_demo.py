@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from scd_pipeline.config import load_config
 from scd_pipeline.demo import (
     LABELS,
     MAX_SNIPPET_TOKENS,
@@ -25,8 +26,9 @@ from scd_pipeline.demo import (
 )
 from scd_pipeline.errors import ConfigError
 
-DEFAULT = {"n_examples": 2400, "seed": 1234,                          # config.yaml data.demo
-           "tag_shares": {"single_cue": 0.6, "agreeing_cues": 0.2, "temporal": 0.1, "conflicting": 0.1}}
+# The generator arguments of config.yaml's data.demo (so these checks follow the shipped defaults).
+DEFAULT = {key: value for key, value in load_config(None, {})["data"]["demo"].items() if key != "test_size"}
+SHARES_60 = {"single_cue": 0.6, "agreeing_cues": 0.2, "temporal": 0.1, "conflicting": 0.1}
 EVEN = {"single_cue": 0.25, "agreeing_cues": 0.25, "temporal": 0.25, "conflicting": 0.25}
 ROW_KEYS = {"sample_id", "tag", "question", "choices", "answer", "label"}
 
@@ -148,11 +150,11 @@ def test_conflicting_share_is_the_share_of_cases_whose_cues_conflict(conflicting
 
 
 @pytest.mark.parametrize("n, shares, counts", [
-    (2400, DEFAULT["tag_shares"], [1440, 480, 240, 240]),
+    (2400, SHARES_60, [1440, 480, 240, 240]),
     (20, EVEN, [5, 5, 5, 5]),
     # 21 * (0.6, 0.2, 0.1, 0.1) = 12.6, 4.2, 2.1, 2.1: floors 12+4+2+2 = 20, the one left over
     # goes to the largest fraction (single_cue, 0.6)
-    (21, DEFAULT["tag_shares"], [13, 4, 2, 2]),
+    (21, SHARES_60, [13, 4, 2, 2]),
     # 22 * 0.25 = 5.5 each: floors 20, the two left over go to the first tags in TAGS order
     (22, EVEN, [6, 6, 5, 5]),
 ])
