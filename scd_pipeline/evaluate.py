@@ -33,12 +33,12 @@ from scd_pipeline.batching import (
 from scd_pipeline.config import task_dir
 from scd_pipeline.errors import DataError, ModelError
 from scd_pipeline.io import atomic_path, read_json, write_json
-from scd_pipeline.metrics import choice_metrics, kappa_weights, list_metrics
+from scd_pipeline.metrics import choice_metrics, exact_f1_document, kappa_weights, list_metrics
 from scd_pipeline.models import load_model
 from scd_pipeline.naming import default_eval_name
 from scd_pipeline.tokenization import tokenizer_fingerprint
 
-PREDICTION_COLUMNS = ["sample_id", "tag", "gold", "prediction", "gold_logprob"]
+PREDICTION_COLUMNS = ["sample_id", "tag", "gold", "prediction", "gold_logprob", "gold_tokens", "score"]
 
 
 # --- models --------------------------------------------------------------------------------------
@@ -150,8 +150,9 @@ def predict_split(model, tokenizer, frame: pd.DataFrame, batch_size: int, max_ne
 
     Columns: ``sample_id``, ``tag``, ``gold`` (letter, or the gold JSON list), ``prediction``
     (letter, or the parsed list as JSON; malformed output gives ``[]``), ``gold_logprob`` (log-
-    likelihood of the whole gold completion, answer + end-of-turn), ``gold_tokens`` (its length)
-    and ``malformed`` (list tasks: the output held no parsable list).
+    likelihood of the whole gold completion, answer + end-of-turn), ``gold_tokens`` (its length),
+    ``score`` (the task metric of the one sample: 1/0 for a right/wrong letter, the document's
+    exact-match F1 for a list) and ``malformed`` (list tasks: the output held no parsable list).
     """
     from tqdm.auto import tqdm
 
@@ -187,11 +188,16 @@ def predict_split(model, tokenizer, frame: pd.DataFrame, batch_size: int, max_ne
                 parsed = parse_list_output(text)
                 malformed[row] = parsed is None
                 predictions[row] = json.dumps(parsed or [], ensure_ascii=False)
+    gold = frame["answer"].astype(str).tolist()
+    if kind == "choice":
+        score = [float(g == p) for g, p in zip(gold, predictions, strict=True)]
+    else:
+        score = [exact_f1_document(_gold_list(g, s), json.loads(p))
+                 for g, p, s in zip(gold, predictions, frame["sample_id"], strict=True)]
     return pd.DataFrame({"sample_id": frame["sample_id"].astype(str).tolist(),
                          "tag": frame["tag"].astype(str).tolist(),
-                         "gold": frame["answer"].astype(str).tolist(),
-                         "prediction": predictions, "gold_logprob": gold_logprob,
-                         "gold_tokens": gold_tokens, "malformed": malformed})
+                         "gold": gold, "prediction": predictions, "gold_logprob": gold_logprob,
+                         "gold_tokens": gold_tokens, "score": score, "malformed": malformed})
 
 
 def mean_gold_nll(predictions: pd.DataFrame) -> float:

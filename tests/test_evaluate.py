@@ -194,6 +194,8 @@ def test_choice_scores_equal_a_dense_forward(tmp_path):
     assert predictions["gold_logprob"].tolist() == pytest.approx(gold_logprob, abs=1e-4)
     assert predictions["prediction"].tolist() == predicted
     assert predictions["gold"].tolist() == frame["answer"].tolist()
+    assert predictions["score"].tolist() == [float(p == g) for p, g in zip(predicted, frame["answer"], strict=True)]
+    assert predictions["gold_tokens"].tolist() == frame["completion_ids"].map(len).tolist()
     report = json.loads(out.read_text())
     assert report["metrics"]["accuracy"] == pytest.approx(
         sum(p == g for p, g in zip(predicted, frame["answer"], strict=True)) / 10)
@@ -243,6 +245,8 @@ def test_list_task_generates_parses_and_counts_malformed_output_as_empty(tmp_pat
     assert report["metrics"]["partial_f1"] == pytest.approx(0.25)
     predictions = pd.read_parquet(tmp_path / "nrner" / "eval" / "random.predictions.parquet")
     assert predictions["prediction"].tolist() == ["[]"] * 4
+    # score: the one document's exact F1 (only the empty gold list is matched by [])
+    assert predictions["score"].tolist() == [float(json.loads(g) == []) for g in predictions["gold"]]
 
 
 def test_list_task_with_generation_forced_to_gold_scores_one(tmp_path, monkeypatch):
