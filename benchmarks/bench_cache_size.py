@@ -41,17 +41,17 @@ import pyarrow.parquet as pq
 import torch
 from _common import format_table, load_bench_model, machine_line, prepared_split, timed
 
-from scd_pipeline.cache import (
+from scd_pipeline.logit_cache import (
     LOGPROB_DTYPES,
     LOGPROB_STEP,
     PARQUET_OPTIONS,
     decode_logprobs,
     encode_logprobs,
     open_cache,
-    score_batches,
     write_logit_cache,
 )
 from scd_pipeline.losses import SparseTarget
+from scd_pipeline.scoring import forward_batches
 
 DISTILLKIT_BYTES_PER_TOKEN = {50: 114.0, 128: 300.0}  # published figures of its compressed cache
 PER_TOKEN_COLUMNS = ("topk_ids", "topk_logprobs", "tail_logmass")
@@ -69,6 +69,9 @@ class ReplayTeacher(torch.nn.Module):
         super().__init__()
         self.model = model
         self._hidden: dict[tuple, torch.Tensor] = {}
+
+    def parameters(self, recurse: bool = True):
+        return self.model.parameters(recurse)
 
     def get_output_embeddings(self) -> torch.nn.Module:
         return self.model.get_output_embeddings()
@@ -100,23 +103,24 @@ def column_bytes(path: Path) -> dict[str, int]:
 
 
 def reconstruction_kl(full_logprobs: torch.Tensor, cached) -> torch.Tensor:
-    """Per-token KL(full || reconstruction) (N,), reconstruction renormalised over the vocabulary."""
-    reconstructed = torch.log_softmax(cached.dense_logprobs(), dim=-1)
+    """Per-token KL(full || reconstruction) (N,), the reconstruction as the losses read it."""
+    reconstructed = cached.dense_logprobs()
     return (full_logprobs.exp() * (full_logprobs - reconstructed)).sum(dim=-1)
 
 
-def measure_config(teacher: ReplayTeacher, frame: pd.DataFrame, workdir: Path, top_k: int, dtype: str,
-                   batch_size: int, pad_id: int) -> dict:
+def measure_config(teacher: ReplayTeacher, tokenizer, frame: pd.DataFrame, workdir: Path, top_k: int, dtype: str,
+                   batch_size: int) -> dict:
     """Write one cache, read it back and compare it with the full teacher distribution."""
     path = workdir / f"k{top_k}-{dtype}.parquet"
-    meta = write_logit_cache(teacher, frame, path, {"task": "benchmark", "split": "train"}, top_k=top_k,
-                             dtype=dtype, batch_size=batch_size, pad_id=pad_id)
+    meta = write_logit_cache(teacher, tokenizer, frame, path, {"task": "benchmark", "split": "train"}, top_k=top_k,
+                             dtype=dtype, batch_size=batch_size)
     cache = open_cache(path)
     sample_ids = frame["sample_id"].to_numpy()
     kls, kls_8bit, tails = [], [], []
-    for scored in score_batches(teacher, frame, batch_size, pad_id):
-        cached = cache.targets(sample_ids[scored.batch.index].tolist(), scored.n_tokens.tolist())
-        full = torch.log_softmax(scored.logits, dim=-1)
+    for batch, logits in forward_batches(teacher, frame, batch_size, tokenizer.pad_token_id):
+        counts = torch.bincount(batch.token_sample, minlength=batch.num_samples).tolist()
+        cached = cache.targets(sample_ids[batch.index].tolist(), counts)
+        full = torch.log_softmax(logits, dim=-1)
         kls.append(reconstruction_kl(full, cached))
         coarse = torch.from_numpy(decode_logprobs(encode_logprobs(cached.logprobs.numpy(), "int8"), INT8_META))
         kls_8bit.append(reconstruction_kl(full, SparseTarget(cached.ids, coarse, cached.tail_logmass,
@@ -213,7 +217,7 @@ def main() -> None:
             print(f"\n## task {task}: {len(frame)} samples, completion tokens/sample mean "
                   f"{completion.mean():.1f} (min {completion.min()}, max {completion.max()}), "
                   f"prompt tokens mean {frame['prompt_ids'].map(len).mean():.0f}")
-            rows = [measure_config(teacher, frame, workdir, k, dtype, args.batch_size, loaded.tokenizer.pad_token_id)
+            rows = [measure_config(teacher, loaded.tokenizer, frame, workdir, k, dtype, args.batch_size)
                     for dtype in args.dtypes for k in args.ks if k <= loaded.model.config.vocab_size]
             print(format_table(rows))
             if args.encodings_k and "fp16" in args.dtypes and args.encodings_k in args.ks:

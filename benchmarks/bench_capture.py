@@ -36,7 +36,7 @@ from _common import (
 )
 
 from scd_pipeline.batching import completion_logits, frame_batch, length_grouped_batches
-from scd_pipeline.cache import LOGPROB_DTYPES, write_logit_cache
+from scd_pipeline.logit_cache import LOGPROB_DTYPES, write_logit_cache
 
 
 def parse_args() -> argparse.Namespace:
@@ -70,9 +70,9 @@ def main() -> None:
 
         def capture(round_index: int) -> None:
             part = parts[batch_of(round_index)]
-            write_logit_cache(model, part, workdir / "capture.parquet", {"task": args.task, "split": "train"},
-                              top_k=args.top_k, dtype=args.dtype, batch_size=args.batch_size,
-                              rows_per_group=len(part), pad_id=pad_id)
+            write_logit_cache(model, loaded.tokenizer, part, workdir / "capture.parquet",
+                              {"task": args.task, "split": "train"}, top_k=args.top_k, dtype=args.dtype,
+                              batch_size=args.batch_size, rows_per_group=len(part))
 
         def bare_forward(round_index: int) -> torch.Tensor:
             batch = collated[batch_of(round_index)]

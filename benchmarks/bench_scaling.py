@@ -30,13 +30,13 @@ from _common import (
     prepared_split,
 )
 
-from scd_pipeline.cache import LOGPROB_DTYPES, write_logit_cache
+from scd_pipeline.logit_cache import LOGPROB_DTYPES, write_logit_cache
 
 
-def capture(model, frame, path: Path, args: argparse.Namespace, pad_id: int) -> dict:
+def capture(model, tokenizer, frame, path: Path, args: argparse.Namespace) -> dict:
     """Write one cache; return its sidecar record (``file_bytes``, ``tokens``, ``capture_seconds``)."""
-    return write_logit_cache(model, frame, path, {"task": args.task, "split": "train"}, top_k=args.top_k,
-                             dtype=args.dtype, batch_size=args.batch_size, pad_id=pad_id)
+    return write_logit_cache(model, tokenizer, frame, path, {"task": args.task, "split": "train"}, top_k=args.top_k,
+                             dtype=args.dtype, batch_size=args.batch_size)
 
 
 def fit_line(rows: list[dict], x: str, y: str) -> dict:
@@ -67,14 +67,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-scaling-") as tmp:
         workdir = Path(tmp)
         teacher = load_bench_model(args.model, "teacher", workdir)
-        pad_id = teacher.tokenizer.pad_token_id
         frame = prepared_split(args.task, teacher.tokenizer_dir, workdir, max(args.samples))
         seconds: dict[int, list[float]] = {n: [] for n in args.samples}
         records: dict[int, dict] = {}
         for repeat in range(args.repeats):
             shift = repeat % len(args.samples)
             for n in args.samples[shift:] + args.samples[:shift]:
-                records[n] = capture(teacher.model, frame.iloc[:n], workdir / f"n{n}.parquet", args, pad_id)
+                records[n] = capture(teacher.model, teacher.tokenizer, frame.iloc[:n], workdir / f"n{n}.parquet", args)
                 seconds[n].append(records[n]["capture_seconds"])
         sample_rows = [{"samples": n, "tokens": records[n]["tokens"], "bytes": records[n]["file_bytes"],
                         "B/token": records[n]["bytes_per_token"], "capture s (median)": statistics.median(seconds[n])}
@@ -84,11 +83,10 @@ def main() -> None:
         # Checkpoints are tiny models (seeds 0, 1, ...): samples tokenized with their byte tokenizer.
         tiny = load_bench_model("tiny", "teacher", workdir)
         samples = prepared_split(args.task, tiny.tokenizer_dir, workdir / "tiny", args.checkpoint_samples)
-        tiny_pad_id = tiny.tokenizer.pad_token_id
         checkpoint_rows = []
         for count in args.checkpoints:
-            metas = [capture(load_bench_model("tiny", "teacher", workdir, tiny_seed=seed).model, samples,
-                             workdir / f"c{count}-ckpt-{seed + 1}.parquet", args, tiny_pad_id)
+            metas = [capture(load_bench_model("tiny", "teacher", workdir, tiny_seed=seed).model, tiny.tokenizer,
+                             samples, workdir / f"c{count}-ckpt-{seed + 1}.parquet", args)
                      for seed in range(count)]
             checkpoint_rows.append({"checkpoints": count, "samples": len(samples),
                                     "bytes (all caches)": sum(m["file_bytes"] for m in metas),

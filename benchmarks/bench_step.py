@@ -38,11 +38,12 @@ from _common import (
 )
 
 from scd_pipeline.batching import Batch, completion_logits, frame_batch
-from scd_pipeline.cache import open_cache, write_logit_cache
 from scd_pipeline.config import load_config
-from scd_pipeline.distill import divergence_for, sample_losses, step_loss
+from scd_pipeline.distill import divergence_for, sample_losses
+from scd_pipeline.logit_cache import open_cache, write_logit_cache
 from scd_pipeline.losses import SparseTarget
 from scd_pipeline.training import CompletionLM, build_optimizer, per_sample_mean_nll
+from scd_pipeline.weighting import step_share
 
 
 def parse_args() -> argparse.Namespace:
@@ -72,8 +73,8 @@ def main() -> None:
                                 for i in range(n_batches)]
         sample_ids = frame["sample_id"].to_numpy()
         cache_file = workdir / "cache.parquet"
-        write_logit_cache(teacher.model, frame, cache_file, {"task": args.task, "split": "train"},
-                          top_k=args.top_k, dtype=config["cache"]["dtype"], pad_id=pad_id)
+        write_logit_cache(teacher.model, teacher.tokenizer, frame, cache_file, {"task": args.task, "split": "train"},
+                          top_k=args.top_k, dtype=config["cache"]["dtype"])
         cache = open_cache(cache_file)
         divergence = divergence_for(distill, "forward_kl")
 
@@ -84,7 +85,7 @@ def main() -> None:
         def optimizer_step(batch: Batch, per_sample_loss: Callable[[torch.Tensor, Batch], torch.Tensor]) -> None:
             logits = wrapper(batch.input_ids, batch.attention_mask, batch.predict_mask)
             weights = torch.ones(batch.num_samples)
-            step_loss(per_sample_loss(logits, batch), weights, float(weights.sum())).backward()
+            step_share(per_sample_loss(logits, batch), weights, float(weights.sum())).backward()
             torch.nn.utils.clip_grad_norm_(wrapper.parameters(), distill["max_grad_norm"])
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

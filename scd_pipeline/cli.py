@@ -197,7 +197,7 @@ def cache_info_command(
     import json
 
     try:
-        from scd_pipeline.cache import cache_info
+        from scd_pipeline.logit_cache import cache_info
 
         info = cache_info(file)
     except ScdError as exc:
@@ -205,11 +205,15 @@ def cache_info_command(
     if as_json:
         typer.echo(json.dumps(info, indent=2, default=str))
         return
-    for key in ("path", "rows", "tokens", "k", "dtype", "id_dtype", "file_bytes", "row_groups"):
+    for key in ("path", "rows", "tokens", "k", "dtype", "id_dtype", "temperature", "format_version",
+                "file_bytes", "row_groups"):
         typer.echo(f"{key}: {info[key]}")
     typer.echo(f"bytes_per_token: {info['bytes_per_token']:.2f}")
     typer.echo("meta: " + (json.dumps(info["sidecar"], default=str) if info["sidecar"] else
                            "MISSING sidecar (the cache will be refused; re-run cache-logits)"))
+    if info["sidecar_mismatch"]:
+        typer.echo(f"sidecar disagrees with the file on: {', '.join(info['sidecar_mismatch'])} (the cache "
+                   "will be refused; re-run cache-logits)")
 
 
 @app.command("estimate-subdomains")

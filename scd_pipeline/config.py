@@ -51,12 +51,61 @@ def _describe(error: jsonschema.ValidationError) -> str:
     return f"config key {where}: {error.message}"
 
 
+def _types(node: dict) -> list[str]:
+    kind = node.get("type", [])
+    return [kind] if isinstance(kind, str) else list(kind)
+
+
+def coerce_types(value: Any, node: dict, root: dict) -> Any:
+    """``value`` with strings read as YAML wherever the schema ``node`` expects no string.
+
+    Snakemake hands nested ``--config`` values over as strings (``--config 'data={demo: {seed:
+    7}}'`` gives ``seed: '7'``); a string that parses to a value of an expected type takes its
+    place, anything else is left for the validator to report.
+    """
+    if "$ref" in node:
+        node = root["$defs"][node["$ref"].rsplit("/", 1)[-1]]
+    types = _types(node)
+    if isinstance(value, str) and types and "string" not in types:
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            return value
+        checks = {"integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+                  "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+                  "boolean": lambda v: isinstance(v, bool), "null": lambda v: v is None,
+                  "array": lambda v: isinstance(v, list), "object": lambda v: isinstance(v, dict)}
+        return parsed if any(checks[t](parsed) for t in types if t in checks) else value
+    if isinstance(value, dict):
+        properties = node.get("properties", {})
+        for key in list(value):
+            if key in properties:
+                value[key] = coerce_types(value[key], properties[key], root)
+    elif isinstance(value, list) and isinstance(node.get("items"), dict):
+        return [coerce_types(item, node["items"], root) for item in value]
+    return value
+
+
 def validate_config(config: dict) -> dict:
-    """Raise ConfigError naming the first bad key path; return ``config`` unchanged otherwise."""
-    validator = jsonschema.Draft202012Validator(load_schema())
+    """Raise ConfigError naming the first bad key path; return ``config`` otherwise.
+
+    Strings where the schema wants a number, boolean, null, list or mapping are first read as YAML
+    in place (:func:`coerce_types`), so Snakemake's nested ``--config`` values validate. Method
+    strings in ``distill.methods`` are checked by the one method parser.
+    """
+    from scd_pipeline.methods import parse_method
+
+    schema = load_schema()
+    coerce_types(config, schema, schema)
+    validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), list(e.absolute_path)))
     if errors:
         raise ConfigError(_describe(errors[0]))
+    for method in config.get("distill", {}).get("methods", []):
+        try:
+            parse_method(method)
+        except ConfigError as exc:
+            raise ConfigError(f"config key distill.methods: {exc}") from None
     return config
 
 

@@ -16,14 +16,17 @@ Every divergence here works on the same k + 1 buckets:
 
 With k = V there is no tail bucket and every divergence equals its dense formula.
 
-Temperature tau applies to both sides. Student: logits / tau. Teacher: p^(1/tau) renormalised
-over the k ids and the tail bucket, where the tail mass m is read as spread uniformly over the
-V - k ids it stands for, so the bucket's tempered mass is (V - k) * (m / (V - k))^(1/tau). With
-k = V this is exactly the dense tempered softmax; with k < V it is the tempered softmax of the
-"uniform tail" reconstruction of the teacher, lumped back into k + 1 buckets. (So at tau != 1
-and k < V a student equal to the teacher scores exactly 0 only if the teacher's non-cached
-probabilities are equal; the student's own tail is tempered exactly.) No tau**2 factor is
-applied; the caller scales the loss if it wants Hinton's gradient-magnitude correction.
+Normalisation and temperature have one owner: :meth:`SparseTarget.buckets`. A cache stores the
+teacher's top-k log-probs and tail log-mass at the temperature it was captured at (its sidecar's
+``temperature``; the fp16 and int8 encodings round them, so the k + 1 stored masses need not sum to
+1). ``buckets(tau)`` renormalises them and re-tempers them from the stored temperature t_c to tau:
+p_tau is proportional to p_(t_c)^(t_c / tau), the tail mass m read as spread uniformly over the V - k
+ids it stands for, so the bucket's tempered mass is (V - k) * (m / (V - k))^(t_c / tau). With k = V
+this is exactly the dense softmax at tau, whatever t_c was (the temperature is never applied twice);
+with k < V it is the tempered "uniform tail" reconstruction lumped back into k + 1 buckets. The
+losses (teacher side) and the SCD schedule's KLs (``schedules``) both read a target through this one
+view. The student side is ``log_softmax(student_logits / tau)``, its own tail exact. No tau**2
+factor is applied; the caller scales the loss if it wants Hinton's gradient-magnitude correction.
 
 Every divergence has one signature, ``f(student_logits, target, temperature=1.0, **options)``,
 returns a per-token loss of shape (N,), and is listed in ``DIVERGENCES``. ``per_sample_mean``
@@ -53,14 +56,16 @@ class SparseTarget:
     """A teacher distribution over N completion tokens, kept at its top-k ids plus a tail bucket.
 
     ``ids`` (N, k) token ids (converted to long); ``logprobs`` (N, k) teacher log-probs at those
-    ids, already at the cache temperature; ``tail_logmass`` (N,) log of the mass outside the k
-    ids (-inf or very negative when k = vocab); ``vocab_size`` V.
+    ids as stored (possibly rounded); ``tail_logmass`` (N,) log of the mass outside the k ids
+    (-inf or very negative when k = vocab); ``vocab_size`` V; ``temperature`` the temperature the
+    stored values are at. Read them through :meth:`buckets` (normalised, at any temperature).
     """
 
     ids: Tensor
     logprobs: Tensor
     tail_logmass: Tensor
     vocab_size: int
+    temperature: float = 1.0
 
     def __post_init__(self) -> None:
         self.ids = self.ids.long()
@@ -73,6 +78,7 @@ class SparseTarget:
         if not 1 <= self.k <= self.vocab_size:
             raise ValueError(f"SparseTarget: k = {self.k} must be between 1 and vocab_size = "
                              f"{self.vocab_size}")
+        _check_temperature(self.temperature)
 
     @property
     def k(self) -> int:
@@ -89,7 +95,7 @@ class SparseTarget:
 
     def to(self, device: torch.device | str) -> SparseTarget:
         return SparseTarget(self.ids.to(device), self.logprobs.to(device),
-                            self.tail_logmass.to(device), self.vocab_size)
+                            self.tail_logmass.to(device), self.vocab_size, self.temperature)
 
     @classmethod
     def from_logits(cls, logits: Tensor, top_k: int, temperature: float = 1.0) -> SparseTarget:
@@ -103,23 +109,50 @@ class SparseTarget:
             top_logprobs, top_ids = logprobs.topk(top_k, dim=-1)
             # logsumexp of an all -inf row is -inf: k = V gives an empty tail.
             tail = logprobs.scatter(-1, top_ids, float("-inf")).logsumexp(dim=-1)
-        return cls(top_ids, top_logprobs, tail, logits.shape[-1])
+        return cls(top_ids, top_logprobs, tail, logits.shape[-1], float(temperature))
+
+    def buckets(self, temperature: float | None = None) -> Tensor:
+        """(N, k[+1]) log-probs on the k ids and (when k < V) the tail bucket: renormalised, and
+        re-tempered from the stored temperature to ``temperature`` (default: the stored one).
+
+        The one view of a target that every loss and the SCD schedule read (see module doc).
+        """
+        temperature = self.temperature if temperature is None else temperature
+        _check_temperature(temperature)
+        exponent = self.temperature / temperature
+        scaled = self.logprobs.float().clamp(min=LOG_MASS_FLOOR)
+        scaled = scaled * exponent if exponent != 1.0 else scaled
+        if self.has_tail:
+            log_n_outside = math.log(self.vocab_size - self.k)
+            tail = self.tail_logmass.float().clamp(min=LOG_MASS_FLOOR)
+            # (V - k) ids, each holding tail / (V - k), each raised to t_c / tau.
+            bucket = log_n_outside + (tail - log_n_outside) * exponent
+            scaled = torch.cat([scaled, bucket[:, None]], dim=-1)
+        return torch.log_softmax(scaled, dim=-1)
+
+    def normalized(self, temperature: float | None = None) -> SparseTarget:
+        """The same target with its stored values replaced by :meth:`buckets` (sum exactly 1)."""
+        temperature = self.temperature if temperature is None else temperature
+        view = self.buckets(temperature)
+        tail = view[:, self.k] if self.has_tail else torch.full_like(view[:, 0], float("-inf"))
+        return SparseTarget(self.ids, view[:, : self.k], tail, self.vocab_size, temperature)
 
     def tail_logprob_per_id(self) -> Tensor:
-        """(N,) log-prob of each non-cached id when the tail mass is spread uniformly over them."""
+        """(N,) normalised log-prob of each non-cached id, the tail mass spread uniformly over them."""
         if not self.has_tail:
             return torch.full_like(self.tail_logmass, float("-inf"), dtype=torch.float32)
-        tail = self.tail_logmass.float().clamp(min=LOG_MASS_FLOOR)
-        return tail - math.log(self.vocab_size - self.k)
+        return self.buckets()[:, self.k] - math.log(self.vocab_size - self.k)
 
-    def cached_logprobs(self) -> Tensor:
-        """(N, k) cached log-probs in fp32, floored at ``LOG_MASS_FLOOR``."""
-        return self.logprobs.float().clamp(min=LOG_MASS_FLOOR)
-
-    def dense_logprobs(self) -> Tensor:
-        """(N, V) reconstruction: cached log-probs at their ids, the tail spread uniformly elsewhere."""
-        fill = self.tail_logprob_per_id()[:, None].expand(self.num_tokens, self.vocab_size)
-        return fill.clone().scatter(-1, self.ids, self.cached_logprobs())
+    def dense_logprobs(self, temperature: float | None = None) -> Tensor:
+        """(N, V) normalised reconstruction at ``temperature``: the k ids' bucket log-probs at
+        their ids, the tail bucket spread uniformly over the other ids."""
+        view = self.buckets(temperature)
+        if self.has_tail:
+            fill = (view[:, self.k] - math.log(self.vocab_size - self.k))[:, None]
+        else:
+            fill = torch.full_like(view[:, :1], float("-inf"))
+        dense = fill.expand(self.num_tokens, self.vocab_size).clone()
+        return dense.scatter(-1, self.ids, view[:, : self.k])
 
 
 def _at_least_fp32(values: Tensor) -> Tensor:
@@ -130,19 +163,6 @@ def _at_least_fp32(values: Tensor) -> Tensor:
 def _check_temperature(temperature: float) -> None:
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-
-
-def _teacher_buckets(target: SparseTarget, temperature: float) -> Tensor:
-    """(N, k[+1]) teacher log-probs on the buckets, re-tempered and renormalised."""
-    scaled = target.cached_logprobs() / temperature
-    if target.has_tail:
-        log_n_outside = math.log(target.vocab_size - target.k)
-        tail = target.tail_logmass.float().clamp(min=LOG_MASS_FLOOR)
-        # (V - k) ids, each holding tail / (V - k), each raised to 1 / tau.
-        bucket = log_n_outside + (tail - log_n_outside) / temperature
-        scaled = torch.cat([scaled, bucket[:, None]], dim=-1)
-    # Renormalising also absorbs fp16 rounding of the cached values.
-    return torch.log_softmax(scaled, dim=-1)
 
 
 class _StudentProjection(torch.autograd.Function):
@@ -206,7 +226,7 @@ def project_on_support(student_logits: Tensor, target: SparseTarget,
     if student_logits.dim() != 2 or student_logits.shape != (target.num_tokens, target.vocab_size):
         raise ValueError(f"student logits {tuple(student_logits.shape)} do not match the teacher "
                          f"target ({target.num_tokens} tokens, vocab {target.vocab_size})")
-    return _teacher_buckets(target, temperature), _student_buckets(student_logits, target, temperature)
+    return target.buckets(temperature), _student_buckets(student_logits, target, temperature)
 
 
 def _kl(log_a: Tensor, log_b: Tensor) -> Tensor:

@@ -110,6 +110,12 @@ def _from_pretrained(source: str, dtype: Any = "auto", **kwargs: Any):
         raise ModelError(f"model {source}: cannot be loaded ({_first_line(exc)})") from exc
 
 
+def is_model_dir(path: str | Path) -> bool:
+    """A directory :func:`load_model` opens: a Hugging Face model or a LoRA adapter (``sft.mode: lora``)."""
+    path = Path(path)
+    return (path / "config.json").is_file() or (path / "adapter_config.json").is_file()
+
+
 def _has_tokenizer(path: Path) -> bool:
     return (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file()
 

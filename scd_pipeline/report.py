@@ -40,10 +40,10 @@ import pandas as pd
 from scd_pipeline.config import task_dir, write_effective_config
 from scd_pipeline.errors import DataError
 from scd_pipeline.io import atomic_dir, atomic_path, read_json
+from scd_pipeline.methods import method_label
 from scd_pipeline.metrics import CHOICE_METRICS, LIST_METRICS, primary_metric
 from scd_pipeline.naming import default_eval_name
 
-METHOD_LABELS = {"td": "TD", "cd": "CD", "taid": "TAID", "scd": "SCD", "scd_aw": "SCD+AW"}
 METRIC_LABELS = {"accuracy": "Accuracy", "kappa": "Kappa", "macro_f1": "Macro-F1",
                  "exact_f1": "Exact F1", "partial_f1": "Partial F1"}
 STUDENT_ROLES = ("sft", "distilled")
@@ -64,13 +64,6 @@ class ModelRow:
     result: dict | None = None
     missing: str | None = None  # why ``result`` is None, with the command that fixes it
     model_dir: Path | None = None  # the evaluated model's directory, when the pipeline knows it
-
-
-def method_label(method: str) -> str:
-    """Paper-style row label of a method string: ``scd_aw`` -> ``SCD+AW``, ``td+paced`` -> ``TD+PACED``."""
-    base, _, suffix = method.partition("+")
-    label = METHOD_LABELS.get(base, base)
-    return f"{label}+{suffix.upper()}" if suffix else label
 
 
 def teacher_eval_name(best_index: int) -> str:
@@ -253,7 +246,7 @@ def tag_sizes(rows: Sequence[ModelRow]) -> dict[str, int]:
 
 def read_teacher_checkpoints(root: Path) -> dict | None:
     """``teacher/checkpoints.json`` (None if absent; a one-line DataError if unusable)."""
-    from scd_pipeline.cache import read_checkpoints
+    from scd_pipeline.checkpoints import read_checkpoints
 
     if not (root / "teacher" / "checkpoints.json").is_file():
         return None
@@ -618,11 +611,9 @@ def schedule_plot_name(name: str) -> str:
 
 def gather_inputs(config: dict) -> ReportInputs:
     """Read every artifact the report uses; absent ones stay None (malformed ones raise DataError)."""
-    from scd_pipeline.cache import best_checkpoint_index
-
     root = task_dir(config)
     checkpoints = read_teacher_checkpoints(root)
-    best_index = best_checkpoint_index(checkpoints) if checkpoints is not None else None
+    best_index = int(checkpoints["best_index"]) if checkpoints is not None else None
     rows = model_rows(config, root, best_index)
     kind = task_kind(config, root, rows)
     metrics = metric_names(kind)
@@ -820,7 +811,7 @@ def subdomain_blocks(inputs: ReportInputs, drawn: set[str]) -> list[Block]:
             f"SFS share {fmt(summary['sfs_share'])} of {summary['samples']} samples "
             f"({summary.get('split', '?')} split); rule: {summary.get('rule', 'n/a')}",
             _decomposition_line("Loss (gold NLL)", summary["loss"]),
-            _decomposition_line("Error (1 - correct)", summary["metric"])]))
+            _decomposition_line("Error (1 - score)", summary["metric"])]))
     if shares is not None:
         blocks.append(("table", Table(["Tag", "Samples", "SFS share", "TFS share"],
                                       [[str(tag), str(n), fmt(s), fmt(1 - s)] for tag, n, s in

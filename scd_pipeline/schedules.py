@@ -6,12 +6,14 @@
   with both KLs measured on a fixed probe set from the logit caches.
 
 Sparse KLs. A cache keeps each token's top-k ids and one tail mass. Throughout this module a
-cache stands for the full distribution in which the tail mass is spread uniformly over the
-V - k ids it does not list (``SparseTarget.dense_logprobs``). KL(a || b) between two caches is
-the exact KL between those two reconstructions, computed on the union of their cached ids plus
-one bucket for the ids neither lists (both are uniform there, so lumping that bucket loses
-nothing). KL(S || c) is the exact KL from the dense student to c's reconstruction. Both are
-therefore >= 0, and equal the dense KL when k = V.
+cache is read through the losses' one view of a target, ``SparseTarget.buckets``: renormalised
+(fp16 and int8 rounding leave the stored k + 1 masses off 1 by up to ~5%) and at temperature 1
+(the cache's own temperature undone), standing for the full distribution in which the tail mass is
+spread uniformly over the V - k ids it does not list (``SparseTarget.dense_logprobs``). KL(a || b)
+between two caches is the exact KL between those two reconstructions, computed on the union of
+their cached ids plus one bucket for the ids neither lists (both are uniform there, so lumping that
+bucket loses nothing). KL(S || c) is the exact KL from the dense student (temperature 1) to c's
+reconstruction. Both are therefore >= 0, and equal the dense KL when k = V.
 """
 
 from __future__ import annotations
@@ -24,6 +26,13 @@ import torch
 from torch import Tensor
 
 from scd_pipeline.losses import SparseTarget
+
+CACHE_KL_DEFINITION = ("token-level forward KL(a || b) between the caches' renormalised uniform-tail "
+                       "reconstructions at temperature 1 (schedules.cache_kl), mean over all completion "
+                       "tokens of the probe samples")
+STUDENT_KL_DEFINITION = ("token-level forward KL(S_k || c) from the dense student at the phase start to c's "
+                         "renormalised uniform-tail reconstruction, both at temperature 1 "
+                         "(schedules.student_cache_kl), mean over all completion tokens of the probe samples")
 
 
 def td_schedule(n_phases: int, best_index: int) -> list[int]:
@@ -83,9 +92,10 @@ def _check_phases(n_phases: int) -> None:
 
 
 def _lookup(ids: Tensor, cache: SparseTarget) -> tuple[Tensor, Tensor]:
-    """For ids (N, m): cache's log-prob at each (uniform tail value if not cached) and a found mask."""
+    """For ids (N, m): a normalised cache's log-prob at each (uniform tail value if not cached)
+    and a found mask."""
     sorted_ids, order = cache.ids.sort(dim=-1)
-    sorted_logprobs = cache.cached_logprobs().gather(-1, order)
+    sorted_logprobs = cache.logprobs.gather(-1, order)
     position = torch.searchsorted(sorted_ids, ids).clamp(max=cache.k - 1)
     found = sorted_ids.gather(-1, position) == ids
     tail = cache.tail_logprob_per_id()[:, None].expand_as(ids)
@@ -106,14 +116,15 @@ def cache_kl(first: SparseTarget, second: SparseTarget) -> Tensor:
                          f"({first.num_tokens} tokens / V={first.vocab_size} vs "
                          f"{second.num_tokens} / V={second.vocab_size})")
     vocab = first.vocab_size
+    first, second = first.normalized(1.0), second.normalized(1.0)
     # Ids that `first` caches.
-    first_at_own = first.cached_logprobs()
+    first_at_own = first.logprobs
     second_at_first, _ = _lookup(first.ids, second)
     total = _kl_terms(first_at_own, second_at_first).sum(dim=-1)
     # Ids that only `second` caches: `first` holds its uniform tail value there.
     first_at_second, second_in_first = _lookup(second.ids, first)
     only_second = ~second_in_first
-    terms = _kl_terms(first_at_second, second.cached_logprobs())
+    terms = _kl_terms(first_at_second, second.logprobs)
     total = total + torch.where(only_second, terms, torch.zeros_like(terms)).sum(dim=-1)
     # Ids neither caches: one bucket of r ids, uniform under both reconstructions.
     remaining = vocab - first.k - only_second.sum(dim=-1)
@@ -125,18 +136,14 @@ def cache_kl(first: SparseTarget, second: SparseTarget) -> Tensor:
     return total + _kl_terms(first_rest, second_rest)
 
 
-def student_cache_kl(student_logits: Tensor, cache: SparseTarget,
-                     temperature: float = 1.0) -> Tensor:
-    """Per-token KL(S || c) (N,): dense student against the cache's uniform-tail reconstruction.
-
-    ``temperature`` divides the student logits; pass the cache's temperature so both sides are on
-    the same scale.
-    """
+def student_cache_kl(student_logits: Tensor, cache: SparseTarget) -> Tensor:
+    """Per-token KL(S || c) (N,): the dense student against the cache's normalised uniform-tail
+    reconstruction, both at temperature 1."""
     if student_logits.shape != (cache.num_tokens, cache.vocab_size):
         raise ValueError(f"student logits {tuple(student_logits.shape)} do not match the cache "
                          f"({cache.num_tokens} tokens, vocab {cache.vocab_size})")
-    log_student = torch.log_softmax(student_logits.float() / temperature, dim=-1)
-    return _kl_terms(log_student, cache.dense_logprobs()).sum(dim=-1)
+    log_student = torch.log_softmax(student_logits.float(), dim=-1)
+    return _kl_terms(log_student, cache.dense_logprobs(1.0)).sum(dim=-1)
 
 
 def mean_token_kl(token_kls: Iterable[Tensor]) -> float:

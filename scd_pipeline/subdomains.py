@@ -9,14 +9,16 @@ temperature 1, for the student and the teacher alike.
   every other sample (ties included) is teacher-favoured (TFS).
 - AW against each checkpoint c: sigmoid(log L_S^SFT - log L_c) = L_S^SFT / (L_S^SFT + L_c)
   (:func:`scd_pipeline.weighting.adaptive_weight`).
-- Gap decomposition, for a per-sample risk r (loss: the NLL; metric: the error 1 - correct,
-  ``correct`` as defined in :mod:`scd_pipeline.cache`), with d = r_S - r_T* per sample:
+- Gap decomposition, for a per-sample risk r (loss: the NLL; metric: the error 1 - score, the
+  score being the task metric of the sample, :func:`scd_pipeline.scoring.sample_score`, the same
+  the caches store and evaluation reports), with d = r_S - r_T* per sample:
   R(S) - R(T*) = mean_all(d) = share_SFS * mean_SFS(d) + share_TFS * mean_TFS(d), reported as
   ``gap = advantage_sfs + deficit_tfs`` (signed: student minus teacher, so in loss the SFS term is
   <= 0 and the TFS term >= 0).
-- KL(a || b) between checkpoints: :func:`scd_pipeline.schedules.cache_kl` (each cache's tail spread
-  uniformly over the ids it does not list), averaged over all completion tokens of the probe set,
-  for every pair; the row of T* is the KL(T* || c) term of the SCD schedule.
+- KL(a || b) between checkpoints: :func:`scd_pipeline.schedules.cache_kl` (each cache renormalised
+  at temperature 1, its tail spread uniformly over the ids it does not list), averaged over all
+  completion tokens of the probe set, for every pair; the row of T* is the KL(T* || c) term that
+  SCD distillation reads from ``subdomains.json``.
 - Probe set: ``subdomains.probe_size`` sample ids drawn with ``random.Random(seed)`` from the
   split's ids in sorted order (all of them when the split is smaller), listed sorted in
   ``subdomains.json`` so distillation measures KL(S_k || c) on the same samples.
@@ -26,24 +28,20 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
 from scd_pipeline.batching import read_split
-from scd_pipeline.cache import (
-    LogitCache,
-    best_checkpoint_index,
-    gold_nll,
-    open_task_cache,
-    read_checkpoints,
-)
+from scd_pipeline.checkpoints import checkpoint_indices, read_checkpoints
 from scd_pipeline.config import task_dir, write_effective_config
 from scd_pipeline.errors import DataError, ModelError
 from scd_pipeline.io import atomic_path, write_json
-from scd_pipeline.schedules import cache_kl, mean_token_kl
+from scd_pipeline.logit_cache import LogitCache, open_task_cache
+from scd_pipeline.models import is_model_dir
+from scd_pipeline.schedules import CACHE_KL_DEFINITION, cache_kl, mean_token_kl
+from scd_pipeline.scoring import predict_split
 from scd_pipeline.weighting import adaptive_weight
 
 NLL_DEFINITION = "per-sample gold NLL, mean over completion tokens, temperature 1 (cache column nll_mean)"
@@ -95,22 +93,22 @@ def _aligned(samples: pd.DataFrame, stats: pd.DataFrame, what: str) -> pd.DataFr
 
 def subdomain_table(samples: pd.DataFrame, student: pd.DataFrame,
                     checkpoints: Mapping[int, pd.DataFrame], best_index: int) -> pd.DataFrame:
-    """One row per sample: ``sample_id, tag, student_sft_nll, student_sft_correct``, then per
-    checkpoint ``nll_ckpt_{k}``, ``correct_ckpt_{k}``, then ``sfs`` and ``aw_ckpt_{k}``.
+    """One row per sample: ``sample_id, tag, student_sft_nll, student_sft_score``, then per
+    checkpoint ``nll_ckpt_{k}``, ``score_ckpt_{k}``, then ``sfs`` and ``aw_ckpt_{k}``.
 
     ``samples`` has ``sample_id, tag``; ``student`` and each checkpoint frame have the cache's
-    per-sample columns (``sample_id, nll_mean, correct``).
+    per-sample columns (``sample_id, nll_mean, score``).
     """
     if best_index not in checkpoints:
         raise DataError(f"best checkpoint {best_index} has no cache among {sorted(checkpoints)}")
     table = samples[["sample_id", "tag"]].reset_index(drop=True).copy()
     student = _aligned(table, student, "student_sft scores")
     table["student_sft_nll"] = student["nll_mean"].to_numpy(np.float64)
-    table["student_sft_correct"] = student["correct"].to_numpy(bool)
+    table["student_sft_score"] = student["score"].to_numpy(np.float64)
     for index in sorted(checkpoints):
         stats = _aligned(table, checkpoints[index], f"cache of checkpoint {index}")
         table[f"nll_ckpt_{index}"] = stats["nll_mean"].to_numpy(np.float64)
-        table[f"correct_ckpt_{index}"] = stats["correct"].to_numpy(bool)
+        table[f"score_ckpt_{index}"] = stats["score"].to_numpy(np.float64)
     table["sfs"] = table["student_sft_nll"] < table[f"nll_ckpt_{best_index}"]
     student_nll = torch.tensor(table["student_sft_nll"].to_numpy(), dtype=torch.float64)
     for index in sorted(checkpoints):
@@ -122,8 +120,8 @@ def subdomain_table(samples: pd.DataFrame, student: pd.DataFrame,
 def _gaps(table: pd.DataFrame, best_index: int) -> dict:
     sfs = table["sfs"].to_numpy()
     loss = decompose_gap(table["student_sft_nll"], table[f"nll_ckpt_{best_index}"], sfs)
-    metric = decompose_gap(1.0 - table["student_sft_correct"].to_numpy(float),
-                           1.0 - table[f"correct_ckpt_{best_index}"].to_numpy(float), sfs)
+    metric = decompose_gap(1.0 - table["student_sft_score"].to_numpy(float),
+                           1.0 - table[f"score_ckpt_{best_index}"].to_numpy(float), sfs)
     return {"samples": len(table), "sfs_share": float(sfs.mean()), "loss": loss, "metric": metric}
 
 
@@ -135,7 +133,7 @@ def summarize_subdomains(table: pd.DataFrame, best_index: int) -> dict:
         "checkpoints": checkpoints,
         "nll": NLL_DEFINITION,
         "rule": SFS_RULE.format(best=best_index),
-        "risk": {"loss": "nll (lower is better)", "metric": "error = 1 - correct"},
+        "risk": {"loss": "nll (lower is better)", "metric": "error = 1 - score (the task metric per sample)"},
         "decomposition": "gap = R(S) - R(T*) = mean_all(d) = share_SFS*mean_SFS(d) + share_TFS*mean_TFS(d)"
                          " = advantage_sfs + deficit_tfs, d = r_S - r_T* per sample",
         **_gaps(table, best_index),
@@ -160,22 +158,28 @@ def estimate_subdomains(config: dict) -> dict:
     """The stage: write ``{task_dir}/subdomains.parquet`` and ``subdomains.json``; return the summary.
 
     Reads the split ``cache.split``, ``teacher/checkpoints.json``, every checkpoint's verified cache
-    and ``student_sft/`` (one forward over the split for L_S^SFT, same scoring code as the caches).
+    and ``student_sft/`` (a full model or a LoRA adapter; scored over the split by the same
+    scoring pass as the caches and evaluation, for L_S^SFT and its score).
     """
     from scd_pipeline.models import load_model
+    from scd_pipeline.tokenization import load_tokenizer
 
     root = task_dir(config)
     split = config["cache"]["split"]
     checkpoints = read_checkpoints(root / "teacher")
-    indices = sorted(int(entry["index"]) for entry in checkpoints["checkpoints"])
-    best = best_checkpoint_index(checkpoints)
+    indices = checkpoint_indices(checkpoints)
+    best = int(checkpoints["best_index"])
     frame = read_split(root / "data" / f"{split}.parquet")
     student_dir = root / "student_sft"
-    if not (student_dir / "config.json").is_file():
+    if not is_model_dir(student_dir):
         raise ModelError(f"{student_dir}: SFT student not found (run `scd-pipeline sft --role student` first)")
+    caches = {index: open_task_cache(config, index, load_tokenizer(student_dir)) for index in indices}
     model, tokenizer = load_model(student_dir)
-    caches = {index: open_task_cache(config, index, tokenizer) for index in indices}
-    student = gold_nll(model, frame, config["cache"]["batch_size"], tokenizer.pad_token_id)
+    scored = predict_split(model, tokenizer, frame, config["cache"]["batch_size"],
+                           config["evaluate"]["max_new_tokens"], where=str(root / "data" / f"{split}.parquet"))
+    student = pd.DataFrame({"sample_id": scored["sample_id"],
+                            "nll_mean": -scored["gold_logprob"] / scored["gold_tokens"],
+                            "score": scored["score"]})
     table = subdomain_table(frame, student, {k: cache.stats() for k, cache in caches.items()}, best)
     probe_size = config["subdomains"]["probe_size"]
     probe = probe_sample_ids(frame["sample_id"], probe_size, config["seed"])
@@ -186,8 +190,7 @@ def estimate_subdomains(config: dict) -> dict:
         "probe": {"size": len(probe), "seed": config["seed"],
                   "rule": "random.Random(seed).sample of the split's sorted sample ids (all if fewer), sorted",
                   "sample_ids": probe},
-        "kl_definition": "KL(a || b) of the caches' uniform-tail reconstructions (schedules.cache_kl), "
-                         "mean over all completion tokens of the probe samples",
+        "kl_definition": CACHE_KL_DEFINITION,
         "kl_best_to_c": {str(b): value for b, value in kl[best].items()},
         "kl_matrix": {"index": indices, "values": [[kl[a][b] for b in indices] for a in indices]},
     }
@@ -198,12 +201,3 @@ def estimate_subdomains(config: dict) -> dict:
     write_effective_config(config, root, "estimate-subdomains")
     return {**summary, "paths": [str(table_path), str(root / "subdomains.json")]}
 
-
-def read_probe_ids(task_path: str | Path) -> list[str]:
-    """The probe sample ids recorded by ``estimate-subdomains`` (for KL(S_k || c) during SCD)."""
-    from scd_pipeline.io import read_json
-
-    path = Path(task_path) / "subdomains.json"
-    if not path.is_file():
-        raise DataError(f"{path}: not found (run `scd-pipeline estimate-subdomains` first)")
-    return list(read_json(path)["probe"]["sample_ids"])

@@ -43,3 +43,19 @@ def check_same_tokenizer(first, second, first_name: str = "teacher", second_name
             f"{first_name} and {second_name} tokenizers differ (vocab {a['vocab_size']} vs "
             f"{b['vocab_size']}, fingerprint {a['sha256'][:12]} vs {b['sha256'][:12]}): distillation "
             "needs one shared tokenizer; prepare the student from the teacher or a model of its family")
+
+
+def check_data_tokenizer(data_dir: str | Path, tokenizer, model_path: str | Path) -> None:
+    """Refuse a model whose tokenizer differs from the one the data manifest records."""
+    manifest_file = Path(data_dir) / "manifest.json"
+    if not manifest_file.is_file():
+        return
+    recorded = json.loads(manifest_file.read_text(encoding="utf-8")).get("tokenizer")
+    if not isinstance(recorded, dict) or "sha256" not in recorded:
+        return
+    actual = tokenizer_fingerprint(tokenizer)
+    if recorded["sha256"] != actual["sha256"]:
+        raise ModelError(
+            f"{model_path}: its tokenizer (vocab {actual['vocab_size']}, {actual['sha256'][:12]}) is "
+            f"not the one {manifest_file} was prepared with (vocab {recorded.get('vocab_size')}, "
+            f"{recorded['sha256'][:12]}); use a model of the same family or re-run prepare-data")

@@ -1,7 +1,7 @@
 """Per-sample weights and how a sample's CE and KD losses are combined (SPEC 4.2, 4.4).
 
 All functions take per-sample tensors (B,) and return per-sample tensors, except
-``weighted_mean``, which reduces a batch to the scalar the optimizer sees.
+``step_share`` / ``weighted_mean``, which reduce a batch to the scalar the optimizer sees.
 """
 
 from __future__ import annotations
@@ -59,19 +59,24 @@ def combine(ce: Tensor, kd: Tensor, weight: Tensor | float, objective: str = "co
     raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
 
 
-def weighted_mean(losses: Tensor, weights: Tensor) -> Tensor:
-    """Batch loss sum(w L) / sum(w).
+def step_share(losses: Tensor, weights: Tensor, step_weight: float) -> Tensor:
+    """One micro-batch's share sum(w L) / step_weight of a step's weighted mean loss.
 
-    When every weight is 0 (e.g. PACED on a batch the student always or never solves) the batch
-    carries no signal: the result is 0, still attached to the graph so backward() works.
+    ``step_weight`` is sum(w) over every sample of the optimizer step (all micro-batches, all
+    processes), so the shares add up to the step's sum(w L) / sum(w). The one zero-weight rule:
+    when every weight of the step is 0 (e.g. PACED on samples the student always or never solves)
+    the step carries no signal and the share is exactly 0, still attached to the graph so
+    backward() works.
     """
     if losses.shape != weights.shape:
-        raise ValueError(f"weighted_mean: losses {tuple(losses.shape)} and weights "
+        raise ValueError(f"step_share: losses {tuple(losses.shape)} and weights "
                          f"{tuple(weights.shape)} differ in shape")
     if bool((weights < 0).any()):
-        raise ValueError("weighted_mean: weights must be >= 0")
-    total_weight = weights.sum()
+        raise ValueError("step_share: weights must be >= 0")
     weighted_sum = (weights * losses).sum()
-    if float(total_weight) == 0.0:
-        return weighted_sum  # exactly 0, with a graph
-    return weighted_sum / total_weight
+    return weighted_sum if step_weight == 0.0 else weighted_sum / step_weight
+
+
+def weighted_mean(losses: Tensor, weights: Tensor) -> Tensor:
+    """Batch loss sum(w L) / sum(w): the :func:`step_share` of a batch that is a whole step."""
+    return step_share(losses, weights, float(weights.sum()))

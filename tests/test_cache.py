@@ -21,13 +21,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from scd_pipeline import cache
+from scd_pipeline import cache, logit_cache, scoring
 from scd_pipeline.batching import completion_logits, frame_batch, read_split
 from scd_pipeline.cli import app
 from scd_pipeline.config import load_config, task_dir
 from scd_pipeline.data import split_schema
 from scd_pipeline.errors import ConfigError, DataError
 from scd_pipeline.io import sha256_file, write_json
+from scd_pipeline.metrics import exact_f1_document
 from scd_pipeline.models import load_model
 from scd_pipeline.tiny import byte_level_tokenizer, tiny_llama
 from scd_pipeline.tokenization import tokenizer_fingerprint
@@ -127,7 +128,7 @@ def test_cache_with_k_equal_to_vocab_reproduces_the_full_distribution_in_student
     # A student batch in an order unrelated to the file's (length-sorted) row order.
     ids = ["demo-00009", "demo-00000", "demo-00004", "demo-00013", "demo-00006"]
     dense, batch = dense_logprobs(task_copy, 1, ids)
-    reader = cache.open_task_cache(config, 1, byte_level_tokenizer())
+    reader = logit_cache.open_task_cache(config, 1, byte_level_tokenizer())
     counts = torch.bincount(batch.token_sample).tolist()
     target = reader.targets(ids, completion_lengths=counts)
     assert target.ids.shape == (int(batch.predict_mask.sum()), VOCAB) and target.vocab_size == VOCAB
@@ -140,7 +141,7 @@ def test_tail_logmass_is_the_log_of_the_mass_outside_the_top_k(task_copy):
     cache.cache_logits(config, 2)
     ids = ["demo-00001", "demo-00004", "demo-00012"]
     dense, _ = dense_logprobs(task_copy, 2, ids)
-    target = cache.open_task_cache(config, 2).targets(ids)
+    target = logit_cache.open_task_cache(config, 2).targets(ids)
     top_logprobs, top_ids = dense.topk(5, dim=-1)
     assert torch.equal(target.ids, top_ids)
     torch.testing.assert_close(target.logprobs, top_logprobs, rtol=0, atol=1e-6)
@@ -153,7 +154,7 @@ def test_tail_logmass_is_the_log_of_the_mass_outside_the_top_k(task_copy):
 def test_fp16_cache_rounds_log_probs_to_half_precision(task_root):
     ids = ["demo-00003", "demo-00008"]
     dense, _ = dense_logprobs(task_root, 1, ids)
-    target = cache.open_task_cache(tiny_config(task_root, **{"cache.top_k": 8}), 1).targets(ids)
+    target = logit_cache.open_task_cache(tiny_config(task_root, **{"cache.top_k": 8}), 1).targets(ids)
     exact = dense.gather(1, target.ids)
     torch.testing.assert_close(target.logprobs, exact.half().float(), rtol=0, atol=0)
     assert (target.logprobs - exact).abs().max() < 5e-3
@@ -162,12 +163,12 @@ def test_fp16_cache_rounds_log_probs_to_half_precision(task_root):
 def test_int8_cache_stores_codes_on_a_tenth_of_a_nat_and_reads_them_back(task_root, task_copy):
     config = tiny_config(task_copy, **{"cache.top_k": 8, "cache.dtype": "int8"})
     meta = cache.cache_logits(config, 1)
-    assert (meta["dtype"], meta["logprob_step"], meta["format_version"]) == ("int8", 0.1, 2)
-    stored = pq.read_table(cache.cache_path(task_copy / "demo", 1)).column("topk_logprobs")
+    assert (meta["dtype"], meta["logprob_step"], meta["format_version"]) == ("int8", 0.1, 3)
+    stored = pq.read_table(logit_cache.cache_path(task_copy / "demo", 1)).column("topk_logprobs")
     assert stored.type.value_type.value_type == pa.uint8()
     ids = ["demo-00003", "demo-00008", "demo-00004"]
     dense, _ = dense_logprobs(task_copy, 1, ids)
-    target = cache.open_task_cache(config, 1).targets(ids)
+    target = logit_cache.open_task_cache(config, 1).targets(ids)
     exact = dense.gather(1, target.ids)
     # code = round(-logprob / 0.1), read back as -0.1 * code: within half a step, on the grid
     assert (target.logprobs - exact).abs().max() <= 0.05 + 1e-6
@@ -175,68 +176,77 @@ def test_int8_cache_stores_codes_on_a_tenth_of_a_nat_and_reads_them_back(task_ro
     torch.testing.assert_close(codes, codes.round(), rtol=0, atol=1e-4)
     # the same ids and tail as the fp16 cache of this checkpoint, in a smaller file
     fp16_config = tiny_config(task_root, **{"cache.top_k": 8})
-    fp16 = cache.open_task_cache(fp16_config, 1).targets(ids)
+    fp16 = logit_cache.open_task_cache(fp16_config, 1).targets(ids)
     assert torch.equal(target.ids, fp16.ids) and torch.equal(target.tail_logmass, fp16.tail_logmass)
-    fp16_bytes = json.loads(cache.sidecar_path(cache.cache_path(task_root / "demo", 1)).read_text())["file_bytes"]
+    fp16_bytes = json.loads(logit_cache.sidecar_path(logit_cache.cache_path(task_root / "demo", 1)).read_text())["file_bytes"]
     assert meta["file_bytes"] < fp16_bytes
 
 
 def test_int8_codes_by_hand():
     values = np.array([0.0, -0.04, -0.05001, -1.26, -25.5, -40.0, -np.inf], dtype=np.float32)
-    codes = cache.encode_logprobs(values, "int8")
+    codes = logit_cache.encode_logprobs(values, "int8")
     assert codes.dtype == np.uint8 and codes.tolist() == [0, 0, 1, 13, 255, 255, 255]
-    decoded = cache.decode_logprobs(codes, {"dtype": "int8", "logprob_step": 0.1})
+    decoded = logit_cache.decode_logprobs(codes, {"dtype": "int8", "logprob_step": 0.1})
     np.testing.assert_allclose(decoded, [0.0, 0.0, -0.1, -1.3, -25.5, -25.5, -25.5], atol=1e-6)
 
 
 def test_refuses_a_cache_of_a_newer_format(task_copy):
     config = tiny_config(task_copy, **{"cache.top_k": 8})
-    sidecar = cache.sidecar_path(cache.cache_path(task_copy / "demo", 1))
+    sidecar = logit_cache.sidecar_path(logit_cache.cache_path(task_copy / "demo", 1))
     meta = json.loads(sidecar.read_text())
-    sidecar.write_text(json.dumps({**meta, "format_version": cache.FORMAT_VERSION + 1}))
+    sidecar.write_text(json.dumps({**meta, "format_version": logit_cache.FORMAT_VERSION + 1}))
     with pytest.raises(DataError, match="format version"):
-        cache.open_task_cache(config, 1)
+        logit_cache.open_task_cache(config, 1)
 
 
-def test_per_sample_gold_nll_and_correctness(task_root):
-    reader = cache.open_task_cache(tiny_config(task_root, **{"cache.top_k": 8}), 2)
+def greedy_list(model, tokenizer, prompt_ids, stop_ids) -> list[str]:
+    """The list a model writes after one unpadded prompt (greedy), parsed; [] when malformed."""
+    with torch.no_grad():
+        output = model.generate(input_ids=torch.tensor([list(prompt_ids)]), max_new_tokens=64, do_sample=False,
+                                eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
+    tokens = output[0, len(prompt_ids):].tolist()
+    cut = next((i for i, t in enumerate(tokens) if t in stop_ids), len(tokens))
+    return scoring.parse_list_output(tokenizer.decode(tokens[:cut], skip_special_tokens=True)) or []
+
+
+def test_per_sample_gold_nll_and_score_are_the_task_metric_of_each_sample(task_root):
+    reader = logit_cache.open_task_cache(tiny_config(task_root, **{"cache.top_k": 8}), 2)
     stats = reader.stats().set_index("sample_id")
     frame = read_split(task_root / "demo" / "data" / "train.parquet").set_index("sample_id")
     ids = list(frame.index)
     dense, batch = dense_logprobs(task_root, 2, ids)
+    model, tokenizer = load_model(task_root / "demo" / "teacher" / "ckpt-2", device="cpu")
+    stop_ids = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    letters = [tokenizer.convert_tokens_to_ids(letter) for letter in "ABCD"]
     gold = dense.gather(1, batch.target_ids[:, None]).squeeze(1)
-    hit = dense.argmax(-1) == batch.target_ids
-    start = 0
+    start, scores = 0, []
     for sample_id in ids:
         n = len(frame.at[sample_id, "completion_ids"])
         span = slice(start, start + n)
-        start += n
         assert stats.at[sample_id, "n_tokens"] == n
         assert stats.at[sample_id, "nll_sum"] == pytest.approx(-float(gold[span].sum()), abs=1e-5)
         assert stats.at[sample_id, "nll_mean"] == pytest.approx(-float(gold[span].mean()), abs=1e-5)
-        expected = bool(hit[span][0]) if frame.at[sample_id, "kind"] == "choice" else bool(hit[span].all())
-        assert stats.at[sample_id, "correct"] == expected, sample_id
+        answer = frame.at[sample_id, "answer"]
+        if frame.at[sample_id, "kind"] == "choice":  # the best-ranked option letter is the gold one
+            expected = float("ABCD"[int(dense[start, letters].argmax())] == answer)
+        else:  # exact-match F1 of the greedily written list
+            written = greedy_list(model, tokenizer, frame.at[sample_id, "prompt_ids"], stop_ids)
+            expected = exact_f1_document(json.loads(answer), written)
+        assert stats.at[sample_id, "score"] == pytest.approx(expected), sample_id
+        scores.append(expected)
+        start += n
+    assert 0 < sum(scores) < len(scores)  # both outcomes occur, so the check can fail
 
 
-def test_sample_correct_uses_first_token_for_choice_and_all_tokens_for_lists():
-    # Three samples: choice (2 tokens, first right), choice (first wrong), list (3 tokens, one wrong).
-    token_hit = torch.tensor([True, False, False, True, True, False, True])
-    n_tokens = torch.tensor([2, 2, 3])
-    is_choice = torch.tensor([True, True, False])
-    assert cache.sample_correct(token_hit, n_tokens, is_choice).tolist() == [True, False, False]
-    all_right = torch.ones(7, dtype=torch.bool)
-    assert cache.sample_correct(all_right, n_tokens, is_choice).tolist() == [True, True, True]
-
-
-def test_gold_nll_gives_the_numbers_the_cache_stores(task_root):
+def test_scoring_a_split_gives_the_numbers_the_cache_stores(task_root):
     frame = read_split(task_root / "demo" / "data" / "train.parquet")
     model, tokenizer = load_model(task_root / "demo" / "teacher" / "ckpt-1", device="cpu")
-    scores = cache.gold_nll(model, frame, batch_size=3, pad_id=tokenizer.pad_token_id)
-    assert scores["sample_id"].tolist() == frame["sample_id"].tolist()
-    stored = cache.open_task_cache(tiny_config(task_root, **{"cache.top_k": 8}), 1).stats()
-    merged = scores.merge(stored, on="sample_id", suffixes=("", "_cache"))
-    np.testing.assert_allclose(merged["nll_mean"], merged["nll_mean_cache"], atol=1e-5)
-    assert (merged["correct"] == merged["correct_cache"]).all()
+    scored = scoring.predict_split(model, tokenizer, frame, batch_size=3, max_new_tokens=64)
+    assert scored["sample_id"].tolist() == frame["sample_id"].tolist()
+    stored = logit_cache.open_task_cache(tiny_config(task_root, **{"cache.top_k": 8}), 1).stats()
+    merged = scored.merge(stored, on="sample_id", suffixes=("", "_cache"))
+    np.testing.assert_allclose(-merged["gold_logprob"] / merged["gold_tokens"], merged["nll_mean"], atol=1e-5)
+    np.testing.assert_allclose(merged["score"], merged["score_cache"])
 
 
 # --------------------------------------------------------------------------- layout and sidecar
@@ -245,8 +255,9 @@ def test_gold_nll_gives_the_numbers_the_cache_stores(task_root):
 def test_parquet_layout_types_row_groups_and_sidecar(task_root):
     path = task_root / "demo" / "logits" / "ckpt-1.parquet"
     frame = pd.read_parquet(path)
-    assert list(frame.columns) == ["sample_id", "n_tokens", "nll_sum", "nll_mean", "correct",
+    assert list(frame.columns) == ["sample_id", "n_tokens", "nll_sum", "nll_mean", "score",
                                    "topk_ids", "topk_logprobs", "tail_logmass"]
+    assert frame["score"].dtype == np.float32
     assert len(frame) == N_SAMPLES
     first = frame.iloc[0]
     assert len(first["topk_ids"]) == first["n_tokens"] == len(first["tail_logmass"])
@@ -269,17 +280,17 @@ def test_parquet_layout_types_row_groups_and_sidecar(task_root):
 
 
 def test_id_dtype_is_the_smallest_that_holds_the_vocabulary():
-    assert cache.id_dtype_for(259) == np.uint16
-    assert cache.id_dtype_for(65536) == np.uint16  # ids 0..65535
-    assert cache.id_dtype_for(65537) == np.int32
-    assert cache.id_dtype_for(151_936) == np.int32
+    assert logit_cache.id_dtype_for(259) == np.uint16
+    assert logit_cache.id_dtype_for(65536) == np.uint16  # ids 0..65535
+    assert logit_cache.id_dtype_for(65537) == np.int32
+    assert logit_cache.id_dtype_for(151_936) == np.int32
 
 
 def test_dataset_fingerprint_falls_back_to_the_split_hash_without_a_manifest(tmp_path):
     (tmp_path / "train.parquet").write_bytes(b"split bytes")
-    assert cache.dataset_fingerprint_for(tmp_path, "train") == (sha256_file(tmp_path / "train.parquet"), "split_sha256")
+    assert logit_cache.dataset_fingerprint_for(tmp_path, "train") == (sha256_file(tmp_path / "train.parquet"), "split_sha256")
     write_json(tmp_path / "manifest.json", {"dataset_fingerprint": "abc"})
-    assert cache.dataset_fingerprint_for(tmp_path, "train") == ("abc", "manifest")
+    assert logit_cache.dataset_fingerprint_for(tmp_path, "train") == ("abc", "manifest")
 
 
 # --------------------------------------------------------------------------- refusals
@@ -287,7 +298,7 @@ def test_dataset_fingerprint_falls_back_to_the_split_hash_without_a_manifest(tmp
 
 def refusal(config: dict, checkpoint: int = 1, tokenizer=None) -> str:
     with pytest.raises(DataError) as caught:
-        cache.open_task_cache(config, checkpoint, tokenizer)
+        logit_cache.open_task_cache(config, checkpoint, tokenizer)
     message = str(caught.value)
     assert "\n" not in message and f"ckpt-{checkpoint}.parquet" in message
     return message
@@ -303,13 +314,13 @@ def test_refuses_a_cache_of_another_tokenizer(task_copy):
     other = byte_level_tokenizer()
     other.add_tokens(["<extra>"])
     assert "tokenizer" in refusal(tiny_config(task_copy), tokenizer=other)
-    cache.open_task_cache(tiny_config(task_copy), 1, byte_level_tokenizer())  # the same one passes
+    logit_cache.open_task_cache(tiny_config(task_copy), 1, byte_level_tokenizer())  # the same one passes
 
 
 def test_refuses_a_cache_of_a_retrained_checkpoint_but_accepts_a_copied_one(task_copy):
     weights = task_copy / "demo" / "teacher" / "ckpt-1" / "model.safetensors"
     os.utime(weights, ns=(1, 1))  # a copy: new mtime, same bytes -> hash decides, accepted
-    cache.open_task_cache(tiny_config(task_copy), 1)
+    logit_cache.open_task_cache(tiny_config(task_copy), 1)
     tokenizer = byte_level_tokenizer()
     save_model(tiny_checkpoint(tokenizer, seed=7), tokenizer, weights.parent)  # same shapes, new weights
     assert "checkpoint" in refusal(tiny_config(task_copy))
@@ -332,12 +343,44 @@ def test_refuses_a_truncated_cache(task_copy):
     assert "truncated or corrupt" in refusal(tiny_config(task_copy))
 
 
+@pytest.mark.parametrize("field,value", [("dtype", "int8"), ("k", 16), ("temperature", 2.0),
+                                         ("format_version", logit_cache.FORMAT_VERSION)])
+def test_refuses_a_sidecar_that_disagrees_with_the_file_naming_the_field(task_copy, field, value):
+    sidecar = logit_cache.sidecar_path(logit_cache.cache_path(task_copy / "demo", 1))
+    meta = json.loads(sidecar.read_text())
+    if field == "format_version":  # the sidecar says what the reader wants, the file does not
+        path = logit_cache.cache_path(task_copy / "demo", 1)
+        table = pq.read_table(path)
+        footer = json.loads(table.schema.metadata[logit_cache.PARQUET_META_KEY])
+        footer["format_version"] = 2
+        pq.write_table(table.replace_schema_metadata({logit_cache.PARQUET_META_KEY: json.dumps(footer)}), path)
+        sidecar.write_text(json.dumps({**meta, "file_bytes": path.stat().st_size}))
+    else:
+        sidecar.write_text(json.dumps({**meta, field: value}))
+    message = refusal(tiny_config(task_copy, **({"cache.temperature": 2.0} if field == "temperature" else {})))
+    assert f"says {field} = " in message and "the file says" in message
+    info = logit_cache.cache_info(logit_cache.cache_path(task_copy / "demo", 1))
+    assert info["sidecar_mismatch"] == [field] and info["k"] == 8 and info["dtype"] == "fp16"
+
+
+def test_refuses_a_file_whose_columns_are_not_the_declared_dtype(task_copy):
+    path = logit_cache.cache_path(task_copy / "demo", 1)
+    table = pq.read_table(path)
+    index = table.schema.get_field_index("topk_logprobs")
+    as_fp32 = table.column(index).cast(pa.list_(pa.list_(pa.float32())))
+    table = table.set_column(index, pa.field("topk_logprobs", as_fp32.type), as_fp32)
+    pq.write_table(table, path)
+    sidecar = logit_cache.sidecar_path(path)
+    sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "file_bytes": path.stat().st_size}))
+    assert "column topk_logprobs" in refusal(tiny_config(task_copy))
+
+
 def test_refuses_a_cache_made_at_another_temperature(task_copy):
     assert "temperature" in refusal(tiny_config(task_copy, **{"cache.temperature": 2.0}))
 
 
 def test_targets_check_the_student_batch_token_counts_and_ids(task_root):
-    reader = cache.open_task_cache(tiny_config(task_root), 1)
+    reader = logit_cache.open_task_cache(tiny_config(task_root), 1)
     with pytest.raises(DataError, match="stale"):
         reader.targets(["demo-00000"], completion_lengths=[5])
     with pytest.raises(DataError, match="not in the cache"):
@@ -350,7 +393,7 @@ def test_targets_check_the_student_batch_token_counts_and_ids(task_root):
 def test_an_interrupted_write_leaves_nothing_under_the_final_name(task_copy, monkeypatch):
     logits = task_copy / "demo" / "logits"
     partial_sizes = []
-    real = cache.completion_logits
+    real = scoring.completion_logits
     calls = {"n": 0}
 
     def crash_on_third_batch(model, batch):
@@ -360,7 +403,7 @@ def test_an_interrupted_write_leaves_nothing_under_the_final_name(task_copy, mon
             raise RuntimeError("simulated crash")
         return real(model, batch)
 
-    monkeypatch.setattr(cache, "completion_logits", crash_on_third_batch)
+    monkeypatch.setattr(scoring, "completion_logits", crash_on_third_batch)
     config = tiny_config(task_copy, **{"cache.batch_size": 3, "cache.rows_per_group": 2})
     with pytest.raises(RuntimeError, match="simulated crash"):
         cache.cache_logits(config, 1)

@@ -15,34 +15,26 @@ from test_cache import build_tiny_task, save_model, tiny_checkpoint, tiny_config
 from test_evaluate import one_torch_thread  # noqa: F401 (fixture)
 from typer.testing import CliRunner
 
-from scd_pipeline import cache
+from scd_pipeline import cache, logit_cache
 from scd_pipeline.batching import collate, completion_logits, frame_batch, read_split
 from scd_pipeline.cli import app
 from scd_pipeline.distill import (
-    Method,
     average_target,
-    batch_kd_weights,
-    batch_sample_weights,
-    default_name,
     divergence_for,
     divergence_name_at,
-    gold_pass_rate,
-    parse_method,
     phase_count,
-    phase_lr_factor,
-    restart_optimizer,
     run_distill,
     sample_losses,
-    step_loss,
 )
-from scd_pipeline.errors import ConfigError, DataError
+from scd_pipeline.errors import ConfigError, DataError, ModelError
 from scd_pipeline.losses import SparseTarget
+from scd_pipeline.methods import Method, default_name, parse_method
 from scd_pipeline.models import load_model
 from scd_pipeline.schedules import cache_kl, mean_token_kl, student_cache_kl
+from scd_pipeline.scoring import PassRule, pass_rates
 from scd_pipeline.subdomains import estimate_subdomains, probe_sample_ids
 from scd_pipeline.tiny import byte_level_tokenizer
-from scd_pipeline.training import cosine_warmup_factor
-from scd_pipeline.weighting import weighted_mean
+from scd_pipeline.weighting import paced_weight, step_share, weighted_mean
 
 LAMBDA = 0.5
 # Pinned here so the tests do not follow config.yaml's defaults (sized for real runs). Three phases,
@@ -63,8 +55,10 @@ def test_method_strings_and_weighting_compose():
     assert parse_method("scd", "aw") == parse_method("scd_aw")
     assert parse_method("td+paced") == Method("td", adaptive=False, paced=True)
     assert parse_method("cd", "paced") == parse_method("cd+paced")
-    assert parse_method("taid+paced").label == "taid+paced"
-    assert parse_method("cd+aw+paced").label == "cd+aw+paced"
+    assert parse_method("taid+paced").name == "taid+paced"
+    assert parse_method("cd+aw+paced").name == "cd+aw+paced"
+    assert parse_method("scd+aw").name == "scd_aw" and parse_method("scd+aw").label == "SCD+AW"
+    assert parse_method("cd+aw+paced").label == "CD+AW+PACED"
     assert default_name("td", "paced") == "td+paced" and default_name("scd_aw") == "scd_aw"
     assert default_name("scd", "aw") == default_name("scd_aw", "aw") == "scd_aw"
     with pytest.raises(ConfigError, match="unknown method 'kd'"):
@@ -119,27 +113,13 @@ def test_additive_objective_per_sample_weights_and_temperature_match_the_dense_f
 
 def test_micro_batch_shares_add_up_to_the_weighted_mean_of_the_step():
     losses, weights = torch.tensor([1.0, 2.0, 4.0, 8.0]), torch.tensor([0.5, 0.0, 1.0, 0.25])
-    shares = step_loss(losses[:2], weights[:2], float(weights.sum())) + \
-        step_loss(losses[2:], weights[2:], float(weights.sum()))
+    shares = step_share(losses[:2], weights[:2], float(weights.sum())) + \
+        step_share(losses[2:], weights[2:], float(weights.sum()))
     torch.testing.assert_close(shares, weighted_mean(losses, weights))
-    assert float(step_loss(losses, torch.zeros(4), 0.0)) == 0.0
-
-
-def test_adaptive_kd_weight_is_ls_over_ls_plus_lc_and_lambda_otherwise():
-    student_sft, teacher = torch.tensor([1.0, 3.0, 0.5]), torch.tensor([3.0, 1.0, 0.5])
-    aw = batch_kd_weights(parse_method("scd_aw"), LAMBDA, student_sft, teacher)
-    torch.testing.assert_close(aw, torch.tensor([0.25, 0.75, 0.5]))
-    constant = batch_kd_weights(parse_method("td"), 0.3, num_samples=3)
-    torch.testing.assert_close(constant, torch.full((3,), 0.3))
-
-
-def test_pass_rate_is_the_gold_letter_probability_or_the_whole_list_probability():
-    # Sample 0 (choice, 2 tokens): p = exp(-0.2). Sample 1 (list, 3 tokens): p = exp(-(0.1+0.2+0.3)).
-    gold = torch.tensor([-0.2, -5.0, -0.1, -0.2, -0.3])
-    rate = gold_pass_rate(gold, torch.tensor([2, 3]), torch.tensor([True, False]))
-    torch.testing.assert_close(rate, torch.tensor([np.exp(-0.2), np.exp(-0.6)], dtype=torch.float32))
-    weights = batch_sample_weights(torch.tensor([1.0, 2.0]), rate)
-    torch.testing.assert_close(weights, torch.tensor([1.0, 2.0]) * rate * (1 - rate))
+    # (0.5 * 1 + 0 * 2 + 1 * 4 + 0.25 * 8) / 1.75, by hand
+    assert float(shares) == pytest.approx(6.5 / 1.75)
+    zero = step_share(losses.requires_grad_(), torch.zeros(4), 0.0)
+    assert float(zero) == 0.0 and zero.requires_grad  # no signal, but backward() still works
 
 
 def test_one_phase_per_teacher_checkpoint_unless_configured():
@@ -150,28 +130,6 @@ def test_two_stage_switches_from_forward_to_reverse_kl_at_half_of_all_steps():
     names = [divergence_name_at("akl", True, step, 6) for step in range(6)]
     assert names == ["forward_kl"] * 3 + ["reverse_kl"] * 3
     assert divergence_name_at("akl", False, 5, 6) == "akl"
-
-
-def test_lr_schedule_and_adam_moments_restart_every_phase():
-    starts, lengths = [0, 4], [4, 4]
-    factors = [phase_lr_factor(step, starts, lengths, 0.25) for step in range(8)]
-    assert factors[:4] == factors[4:] == [cosine_warmup_factor(s, 4, 1) for s in range(4)]
-    assert factors[0] == factors[4] == 1.0
-
-    def adam_step(parameter, optimizer):
-        parameter.grad = torch.tensor([0.3, -1.0])
-        optimizer.step()
-
-    trained = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
-    optimizer = torch.optim.AdamW([trained], lr=0.1)
-    for _ in range(3):
-        adam_step(trained, optimizer)
-    start = trained.detach().clone()
-    restart_optimizer(optimizer)
-    adam_step(trained, optimizer)
-    fresh = torch.nn.Parameter(start.clone())
-    adam_step(fresh, torch.optim.AdamW([fresh], lr=0.1))
-    torch.testing.assert_close(trained.detach(), fresh.detach())
 
 
 def test_cd_average_target_is_the_logit_average_of_the_checkpoints():
@@ -263,7 +221,7 @@ def distillation_loss(root, config, model_dir, checkpoint: int) -> float:
     frame = train_frame(root)
     model, tokenizer = load_model(model_dir, device="cpu")
     batch = frame_batch(frame, list(range(len(frame))), tokenizer.pad_token_id)
-    reader = cache.open_task_cache(config, checkpoint)
+    reader = logit_cache.open_task_cache(config, checkpoint)
     target = reader.targets(frame["sample_id"].tolist(), frame["completion_ids"].map(len).tolist())
     with torch.no_grad():
         logits = completion_logits(model, batch)
@@ -285,8 +243,9 @@ def test_every_method_lowers_the_distillation_loss_and_writes_its_outputs(distil
     assert after < before - 0.1, (before, after)
     log = read_log(out / "train_log.jsonl")
     assert [line["step"] for line in log] == list(range(1, schedule["total_steps"] + 1))
-    assert {"phase", "epoch", "step", "loss", "ce", "kd", "kd_weight", "sample_weight", "lr", "checkpoint",
+    assert {"phase", "epoch", "step", "loss", "ce", "kd", "sample_weight", "lr", "checkpoint", "divergence",
             "t"} <= set(log[0])
+    assert ("kd_weight" in log[0]) == (name != "taid")  # TAID has no CE/KD mix
     assert not (root / "demo" / ".state" / f"distill-{name}").exists()  # resume state dropped
 
 
@@ -322,7 +281,7 @@ def test_scd_chooses_the_argmin_of_its_recorded_terms_which_match_the_schedule_f
     trained_on = [line["checkpoint"] for line in read_log(students(root) / "scd" / "train_log.jsonl")]
     assert trained_on == [phase["checkpoint"] for phase in schedule["phases"] for _ in range(6)]
     # Recompute phase 1 independently: S_1 is the initial student.
-    readers = {k: cache.open_task_cache(config, k) for k in (1, 2, 3)}
+    readers = {k: logit_cache.open_task_cache(config, k) for k in (1, 2, 3)}
     targets = {k: r.targets(probe) for k, r in readers.items()}
     model, tokenizer = load_model(root / "models" / "student_base", device="cpu")
     rows = [int(np.flatnonzero(frame["sample_id"] == s)[0]) for s in probe]
@@ -349,10 +308,11 @@ def test_adaptive_weights_applied_in_each_step_come_from_the_artifacts(distilled
     log = {line["step"]: line for line in read_log(students(root) / "scd_aw" / "train_log.jsonl")}
     for info in steps["scd_aw"]:
         ids = frame["sample_id"].to_numpy()[info.rows]
-        ls, lc = student_sft.loc[ids].to_numpy(), cache_nll[info.checkpoint].loc[ids].to_numpy()
-        np.testing.assert_allclose(info.kd_weights.numpy(), ls / (ls + lc), rtol=1e-5)
-        assert log[info.step]["kd_weight"] == pytest.approx(float(info.kd_weights.mean()), rel=1e-5)
-    assert len({round(float(w), 6) for info in steps["scd_aw"] for w in info.kd_weights}) > 3
+        ls = student_sft.loc[ids].to_numpy()
+        lc = cache_nll[info.phase_record["checkpoint"]].loc[ids].to_numpy()
+        np.testing.assert_allclose(info.row_terms["kd_weight"].numpy(), ls / (ls + lc), rtol=1e-5)
+        assert log[info.step]["kd_weight"] == pytest.approx(float(info.row_terms["kd_weight"].mean()), rel=1e-5)
+    assert len({round(float(w), 6) for info in steps["scd_aw"] for w in info.row_terms["kd_weight"]}) > 3
 
 
 def test_paced_weights_are_p_times_one_minus_p_re_estimated_each_epoch(distilled):
@@ -370,10 +330,15 @@ def test_paced_weights_are_p_times_one_minus_p_re_estimated_each_epoch(distilled
         gold = frame["completion_ids"].iat[row]
         token_logprobs = logprobs[offset + np.arange(len(gold)), torch.tensor(gold)]
         offset += len(gold)
-        p = token_logprobs[0].exp() if frame["kind"].iat[row] == "choice" else token_logprobs.sum().exp()
-        expected.append(float(p * (1 - p)))
+        if frame["kind"].iat[row] == "choice":  # the exact pass rate: p(gold letter)
+            p = float(token_logprobs[0].exp())
+        else:  # K sampled lists scored by F1, as scoring.pass_rates does with the run's seed
+            rule = PassRule(samples=8, seed=0)
+            p = float(pass_rates(model, tokenizer, frame.iloc[[row]].reset_index(drop=True), 4, rule)[0])
+        expected.append(p * (1 - p))
     applied = torch.cat([info.sample_weights for info in first_epoch])
     np.testing.assert_allclose(applied.numpy(), expected, rtol=1e-4)
+    assert float(paced_weight(torch.tensor([0.5]))) == 0.25
     second_epoch = {r: float(w) for info in steps["td+paced"] if info.phase == 1 and info.epoch == 1
                     for r, w in zip(info.rows, info.sample_weights, strict=True)}
     assert any(abs(second_epoch[r] - e) > 1e-6 for r, e in zip(rows, expected, strict=True))
@@ -389,7 +354,7 @@ def test_two_stage_paced_trains_with_forward_then_reverse_kl(distilled):
 
 def test_taid_t_rises_to_its_end_and_its_state_is_saved_with_the_student(distilled):
     root, _, steps = distilled
-    ts = [info.t for info in steps["taid"]]
+    ts = [line["t"] for line in read_log(students(root) / "taid" / "train_log.jsonl")]
     assert ts == sorted(ts) and ts[0] > 0.4 and ts[-1] == 1.0
     state = json.loads((students(root) / "taid" / "taid_state.json").read_text())
     assert state["t"] == 1.0 and state["step"] == 18 and state["total_steps"] == 18
@@ -409,7 +374,7 @@ def test_a_killed_taid_run_resumes_to_the_same_student_and_taid_state(distilled,
     resumed_steps = []
     run_distill(config, "taid", name="taid-resumed", after_step=resumed_steps.append)
     assert [info.step for info in resumed_steps] == list(range(9, 19))
-    assert [info.t for info in resumed_steps] == [info.t for info in steps["taid"][8:]]
+    assert [info.loss for info in resumed_steps] == [info.loss for info in steps["taid"][8:]]
     from safetensors.torch import load_file
 
     reference = load_file(students(root) / "taid" / "model.safetensors")
@@ -457,7 +422,7 @@ def test_missing_subdomains_student_and_checkpoint_name_their_commands(task_copy
     with pytest.raises(DataError, match="ckpt-2: teacher checkpoint not found"):
         run_distill(config, "td")
     shutil.rmtree(task_copy / "models" / "student_base")
-    with pytest.raises(Exception, match="prepare-model --role student"):
+    with pytest.raises(ModelError, match="prepare-model --role student"):
         run_distill(config, "td")
 
 

@@ -13,17 +13,14 @@ import pandas as pd
 import pytest
 import torch
 
-from scd_pipeline import evaluate as evaluate_module
+from scd_pipeline import scoring as scoring_module
 from scd_pipeline.config import load_config
 from scd_pipeline.errors import ModelError
-from scd_pipeline.evaluate import (
-    PREDICTION_COLUMNS,
-    default_eval_name,
-    evaluate,
-    parse_list_output,
-)
+from scd_pipeline.evaluate import PREDICTION_COLUMNS, evaluate
 from scd_pipeline.metrics import exact_f1, partial_f1
 from scd_pipeline.models import load_model
+from scd_pipeline.naming import default_eval_name
+from scd_pipeline.scoring import parse_list_output
 from scd_pipeline.tiny import byte_level_tokenizer, tiny_llama
 
 LETTERS = ["A", "B", "C", "D"]
@@ -256,7 +253,7 @@ def test_list_task_with_generation_forced_to_gold_scores_one(tmp_path, monkeypat
     write_splits(tmp_path, {"test": rows}, task="nrner")
     model_dir = save_model(tiny_llama(tokenizer, seed=2), tokenizer, tmp_path / "forced")
     gold_by_prompt = {tuple(r["prompt_ids"]): f"Findings: {r['answer']}" for r in rows}
-    monkeypatch.setattr(evaluate_module, "generate_texts",
+    monkeypatch.setattr(scoring_module, "generate_texts",
                         lambda model, tok, prompts, *args: [gold_by_prompt[tuple(p)] for p in prompts])
 
     report = json.loads(evaluate(tiny_config(tmp_path, task="nrner"), model_dir).read_text())

@@ -210,6 +210,27 @@ def test_teacher_tail_is_retempered_as_uniform_over_its_ids():
     torch.testing.assert_close(log_p.exp()[0], raw / raw.sum())
 
 
+@pytest.mark.parametrize("cache_temperature,loss_temperature", [(2.0, 2.0), (2.0, 1.0), (0.5, 2.0), (1.0, 3.0)])
+@pytest.mark.parametrize("name", ["forward_kl", "reverse_kl", "total_variation"])
+def test_a_tempered_cache_gives_the_dense_loss_at_the_loss_temperature(name, cache_temperature, loss_temperature):
+    # The cache stores softmax(z_T / t_c); the loss temperature tau is applied once, to both sides:
+    # the result is the dense divergence between softmax(z_T / tau) and softmax(z_S / tau).
+    teacher_logits, student_logits = random_logits(4, vocab=11)
+    target = SparseTarget.from_logits(teacher_logits, top_k=11, temperature=cache_temperature)
+    p = torch.softmax(teacher_logits / loss_temperature, -1)
+    q = torch.softmax(student_logits / loss_temperature, -1)
+    got = DIVERGENCES[name](student_logits, target, loss_temperature)
+    torch.testing.assert_close(got, DENSE[name](p, q).float(), atol=1e-5, rtol=1e-5)
+
+
+def test_buckets_renormalise_rounded_log_probs():
+    # Stored masses 0.5 + 0.3 + tail 0.3 = 1.1 (e.g. after rounding): read as 5/11, 3/11, 3/11.
+    target = SparseTarget(torch.tensor([[0, 1]]), torch.tensor([[0.5, 0.3]]).log(), torch.tensor([0.3]).log(), 4)
+    torch.testing.assert_close(target.buckets().exp(), torch.tensor([[5 / 11, 3 / 11, 3 / 11]]))
+    torch.testing.assert_close(target.dense_logprobs().exp(), torch.tensor([[5 / 11, 3 / 11, 1.5 / 11, 1.5 / 11]]))
+    assert target.normalized().tail_logmass.exp().item() == pytest.approx(3 / 11)
+
+
 def test_student_tail_stays_exact_when_it_is_tiny():
     # Cached ids hold almost all the mass; 1 - sum(q_k) would round to 0 in fp32.
     logits = torch.full((1, 10), -40.0)

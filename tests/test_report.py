@@ -21,10 +21,9 @@ from typer.testing import CliRunner
 
 from scd_pipeline.cli import app
 from scd_pipeline.config import load_config
-from scd_pipeline.distill import fixed_schedule, parse_method, scd_phase_choice, schedule_record
 from scd_pipeline.errors import DataError
-from scd_pipeline.evaluate import json_safe, summarise
-from scd_pipeline.io import write_json
+from scd_pipeline.io import json_safe, write_json
+from scd_pipeline.methods import parse_method
 from scd_pipeline.report import (
     ReportResult,
     best_student_mask,
@@ -32,6 +31,8 @@ from scd_pipeline.report import (
     method_label,
     read_schedule,
 )
+from scd_pipeline.schedules import scd_choose
+from scd_pipeline.scoring import summarise
 from scd_pipeline.subdomains import subdomain_table, summarize_subdomains
 
 LETTERS = ["A", "B", "C", "D"]
@@ -86,29 +87,33 @@ KL_STUDENT = [{1: 0.1, 2: 1.5, 3: 1.2},   # phase 1: sums 1.0, 1.5, 1.4 -> ckpt-
 
 
 def write_schedule(config: dict, root: Path, name: str, checkpoint_of_phase: list | None = None) -> None:
-    """students/{name}/schedule.json as distill writes it (``distill.schedule_record``); SCD
-    phases (``checkpoint_of_phase`` None) choose from KL_BEST and KL_STUDENT."""
+    """students/{name}/schedule.json in the format of docs/ARTIFACTS.md; SCD phases
+    (``checkpoint_of_phase`` None) choose the argmin of KL_BEST + KL_STUDENT."""
     method = parse_method(name)
     phases = []
     for number, student_terms in enumerate(KL_STUDENT, start=1):
-        record = {"phase": number, "first_step": 10 * number - 9, "last_step": 10 * number}
+        record = {"phase": number, "first_step": 10 * number - 9, "last_step": 10 * number, "epochs": 1}
         if checkpoint_of_phase is None:
-            record.update(scd_phase_choice(KL_BEST, student_terms))
+            chosen, candidates = scd_choose(KL_BEST, student_terms)
+            record.update({"checkpoint": chosen, "candidates": candidates})
         else:
             record["checkpoint"] = checkpoint_of_phase[number - 1]
         phases.append(record)
-    progress = {"phases": phases, "total_steps": 30, "kl_best_to_c": {str(k): v for k, v in KL_BEST.items()}}
-    probe = pd.DataFrame({"sample_id": ["s1", "s2"]})
-    write_json(root / "students" / name / "schedule.json",
-               schedule_record(config, method, name, progress, [1, 2, 3], 2, probe))
-
+    schedule = {"method": method.name, "name": name, "schedule": method.schedule,
+                "adaptive_weight": method.adaptive, "paced": method.paced, "cd_mode": None, "best_index": 2,
+                "checkpoints": [1, 2, 3], "n_phases": 3, "epochs_per_phase": 1, "total_steps": 30,
+                "phases": phases}
+    if method.schedule == "scd":
+        schedule.update({"probe": {"size": 2, "sample_ids": ["s1", "s2"]},
+                         "kl_best_to_c": {str(k): v for k, v in KL_BEST.items()}})
+    write_json(root / "students" / name / "schedule.json", schedule)
 
 def write_subdomains(root: Path) -> None:
     """Five training samples; SFT student vs T* = ckpt-2 by mean NLL: SFS = s1, s4, s5."""
     samples = pd.DataFrame({"sample_id": ["s1", "s2", "s3", "s4", "s5"], "tag": ["x", "x", "x", "y", "y"]})
-    student = samples.assign(nll_mean=[0.5, 2.0, 2.0, 0.2, 0.3], correct=[True, False, False, True, True])
-    best = samples.assign(nll_mean=[1.0, 1.0, 1.0, 0.6, 0.6], correct=[False, True, True, True, True])
-    early = samples.assign(nll_mean=[3.0] * 5, correct=[False] * 5)
+    student = samples.assign(nll_mean=[0.5, 2.0, 2.0, 0.2, 0.3], score=[1.0, 0.0, 0.0, 1.0, 1.0])
+    best = samples.assign(nll_mean=[1.0, 1.0, 1.0, 0.6, 0.6], score=[0.0, 1.0, 1.0, 1.0, 1.0])
+    early = samples.assign(nll_mean=[3.0] * 5, score=[0.0] * 5)
     table = subdomain_table(samples, student, {1: early, 2: best}, best_index=2)
     table.to_parquet(root / "subdomains.parquet", index=False)
     write_json(root / "subdomains.json", {"task": "demo", "split": "train", **summarize_subdomains(table, 2)})
@@ -125,7 +130,7 @@ def make_full_tree(tmp_path: Path) -> tuple[dict, Path]:
         (root / "students" / student).mkdir(parents=True)
     write_schedule(config, root, "scd")
     write_schedule(config, root, "scd_aw")
-    write_schedule(config, root, "td", fixed_schedule(parse_method("td"), 3, [1, 2, 3], best_index=2))
+    write_schedule(config, root, "td", [2, 2, 2])
     write_schedule(config, root, "cd", ["average"] * 3)  # cd_mode average: no single checkpoint
     write_subdomains(root)
     return config, root

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from scd_pipeline.logit_cache import LOGPROB_STEP, decode_logprobs, encode_logprobs
 from scd_pipeline.losses import SparseTarget
 from scd_pipeline.schedules import (
     cache_kl,
@@ -107,13 +108,80 @@ def test_student_cache_kl_equals_dense_kl():
         got, dense_kl(torch.log_softmax(student, -1), sparse.dense_logprobs()), atol=1e-5, rtol=1e-5)
 
 
-def test_student_cache_kl_uses_the_cache_temperature():
-    student, teacher = random_logits(6), random_logits(7)
+def test_schedule_kls_read_a_tempered_cache_as_the_temperature_1_distribution():
+    # A cache captured at temperature 2 stores softmax(z / 2); the schedule compares distributions
+    # as they are (temperature 1), so the stored temperature is undone exactly when k = V.
+    student, teacher, other = random_logits(6), random_logits(7), random_logits(8)
     cache = SparseTarget.from_logits(teacher, 12, temperature=2.0)
-    expected = dense_kl(torch.log_softmax(student / 2, -1), torch.log_softmax(teacher / 2, -1))
-    torch.testing.assert_close(student_cache_kl(student, cache, temperature=2.0), expected,
+    expected = dense_kl(torch.log_softmax(student, -1), torch.log_softmax(teacher, -1))
+    torch.testing.assert_close(student_cache_kl(student, cache), expected, atol=1e-5, rtol=1e-5)
+    between = cache_kl(cache, SparseTarget.from_logits(other, 12, temperature=0.5))
+    torch.testing.assert_close(between, dense_kl(torch.log_softmax(teacher, -1), torch.log_softmax(other, -1)),
                                atol=1e-5, rtol=1e-5)
 
+
+# --- cache dtypes: the SCD terms do not depend on how the log-probs were rounded ------------------
+
+FP16_TOLERANCE = 1e-3   # nats, on every KL(T* || c) and KL(S || c) term
+INT8_TOLERANCE = 1e-2   # nats: the 0.1-nat grid moves a token's stored mass by up to ~5%
+
+
+def stored_as(target: SparseTarget, dtype: str) -> SparseTarget:
+    """The target after a round trip through the cache's log-prob encoding."""
+    codes = encode_logprobs(target.logprobs.numpy(), dtype)
+    decoded = decode_logprobs(codes, {"dtype": dtype, "logprob_step": LOGPROB_STEP})
+    return SparseTarget(target.ids, torch.from_numpy(decoded), target.tail_logmass, target.vocab_size)
+
+
+def scd_terms(caches: dict, student: torch.Tensor, best: int) -> tuple[dict, dict, int]:
+    kl_best = {c: mean_token_kl([cache_kl(caches[best], caches[c])]) for c in caches}
+    kl_student = {c: mean_token_kl([student_cache_kl(student, caches[c])]) for c in caches}
+    return kl_best, kl_student, scd_choose(kl_best, kl_student)[0]
+
+
+def peaked(top: list[float], vocab: int = 10) -> SparseTarget:
+    """One token whose ids 0, 1, 2 hold ``top`` and the other ids the rest, as a k = 3 cache."""
+    probs = torch.tensor([top], dtype=torch.float64)
+    return SparseTarget(torch.tensor([[0, 1, 2]]), probs.log().float(), (1 - probs.sum()).log().float().reshape(1),
+                        vocab)
+
+
+def test_scd_choice_and_terms_from_fp16_and_int8_caches_match_fp32_on_a_constructed_case():
+    # Checkpoint 1's top log-prob -0.048 rounds up to 0 on the int8 grid (its stored mass becomes
+    # 1.047), checkpoint 2's -0.151 rounds down to -0.2 (0.957): read as they are stored, these
+    # offsets (~0.08 nats) exceed the margin between checkpoints 2 and 1 and the choice flips.
+    caches = {1: peaked([0.953, 0.03, 0.01]), 2: peaked([0.86, 0.05, 0.02]), 3: peaked([0.97, 0.01, 0.005])}
+    student_probs = torch.zeros(1, 10)
+    student_probs[0, :3] = torch.tensor([0.8, 0.2 / 3, 0.05])
+    student_probs[0, 3:] = (1 - student_probs[0, :3].sum()) / 7
+    student = student_probs.log()
+    reference_best, reference_student, reference_choice = scd_terms(
+        {c: stored_as(t, "fp32") for c, t in caches.items()}, student, best=3)
+    sums = sorted(reference_best[c] + reference_student[c] for c in caches)
+    assert reference_choice == 2 and sums[1] - sums[0] > 2 * INT8_TOLERANCE
+    for dtype, tolerance in (("fp16", FP16_TOLERANCE), ("int8", INT8_TOLERANCE)):
+        kl_best, kl_student, choice = scd_terms({c: stored_as(t, dtype) for c, t in caches.items()},
+                                                student, best=3)
+        assert choice == reference_choice, dtype
+        for c in caches:
+            assert kl_best[c] == pytest.approx(reference_best[c], abs=tolerance), (dtype, c)
+            assert kl_student[c] == pytest.approx(reference_student[c], abs=tolerance), (dtype, c)
+
+
+def test_scd_terms_from_fp16_and_int8_caches_stay_within_tolerance_on_random_teachers():
+    generator = torch.Generator().manual_seed(3)
+    base = 2.5 * torch.randn(400, 500, generator=generator)
+    final = base + torch.randn(400, 500, generator=generator)
+    checkpoints = {c: (c / 4) * final + (1 - c / 4) * base for c in (1, 2, 3, 4)}
+    student = base + 2.0 * torch.randn(400, 500, generator=generator)
+    exact = {c: SparseTarget.from_logits(z, 50) for c, z in checkpoints.items()}
+    reference = scd_terms({c: stored_as(t, "fp32") for c, t in exact.items()}, student, best=4)
+    for dtype, tolerance in (("fp16", FP16_TOLERANCE), ("int8", INT8_TOLERANCE)):
+        got = scd_terms({c: stored_as(t, dtype) for c, t in exact.items()}, student, best=4)
+        assert got[2] == reference[2]
+        for c in exact:
+            assert got[0][c] == pytest.approx(reference[0][c], abs=tolerance)
+            assert got[1][c] == pytest.approx(reference[1][c], abs=tolerance)
 
 def test_mean_token_kl_averages_over_all_tokens_not_batches():
     # (1 + 2 + 3) / 3 tokens = 2, not the mean of batch means (1.5 + 3) / 2

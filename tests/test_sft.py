@@ -14,20 +14,21 @@ from test_evaluate import one_torch_thread, tiny_config, write_choice_task  # no
 
 from scd_pipeline import sft as sft_module
 from scd_pipeline.batching import frame_batch
+from scd_pipeline.checkpoints import best_checkpoint_index
 from scd_pipeline.errors import ConfigError
-from scd_pipeline.evaluate import mean_gold_nll, predict_split
 from scd_pipeline.models import load_model
-from scd_pipeline.sft import backward_step, best_checkpoint_index, run_sft, sft_paths
+from scd_pipeline.scoring import mean_gold_nll, predict_split
+from scd_pipeline.sft import run_sft, sft_paths
 from scd_pipeline.tiny import byte_level_tokenizer, tiny_llama
 from scd_pipeline.training import (
     CompletionLM,
     checkpoint_steps,
-    cosine_schedule,
     cosine_warmup_factor,
-    make_accelerator,
+    per_sample_mean_nll,
     read_resume_progress,
     training_plan,
 )
+from scd_pipeline.weighting import step_share
 
 # 16 training rows, 4 per micro-batch, 2 epochs -> 8 optimizer steps; 4 checkpoints -> steps 2, 4, 6, 8.
 TEACHER_SETTINGS = {"sft.batch_size": 4, "sft.teacher.epochs": 2, "sft.teacher.n_checkpoints": 4,
@@ -54,14 +55,6 @@ def test_cosine_warmup_factor_by_hand():
     assert factors[:3] == [0.5, 1.0, 1.0]
     assert factors[6] == pytest.approx(0.5)
     assert factors[9] == pytest.approx(0.5 * (1 + math.cos(math.pi * 7 / 8)))
-    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
-    scheduler = cosine_schedule(optimizer, total_steps=10, warmup_ratio=0.2)
-    seen = []
-    for _ in range(10):
-        seen.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
-    assert seen == pytest.approx([0.1 * f for f in factors])
 
 
 def test_checkpoint_steps_are_evenly_spaced_and_end_at_the_last_step():
@@ -94,12 +87,19 @@ def test_loss_is_the_weighted_completion_nll_and_accumulation_splits_it_exactly(
     frame = pd.read_parquet(results / "demo" / "data" / "train.parquet")
     frame["weight"] = [1.0, 2.0, 0.5, 1.5]
     tokenizer = byte_level_tokenizer()
-    accelerator = make_accelerator("fp32")
+    step_weight = float(frame["weight"].sum())
 
     def step_gradients(micro_batches):
+        """What the loop does with one optimizer step's micro-batches under SFT's objective."""
         model = tiny_llama(tokenizer, seed=4).train()
-        loss, _ = backward_step(CompletionLM(model), frame, micro_batches, float(frame["weight"].sum()),
-                                tokenizer.pad_token_id, accelerator)
+        wrapper, loss = CompletionLM(model), 0.0
+        for rows in micro_batches:
+            batch = frame_batch(frame, rows, tokenizer.pad_token_id)
+            logits = wrapper(batch.input_ids, batch.attention_mask, batch.predict_mask)
+            weights = torch.tensor(frame["weight"].to_numpy()[rows], dtype=torch.float32)
+            share = step_share(per_sample_mean_nll(logits, batch), weights, step_weight)
+            share.backward()
+            loss += float(share)
         return loss, model, {n: p.grad.clone() for n, p in model.named_parameters()}
 
     loss, model, whole = step_gradients([[0, 1, 2, 3]])
@@ -151,7 +151,7 @@ def test_teacher_run_writes_evenly_spaced_checkpoints_with_their_validation(teac
     assert {"loss", "lr", "tokens_per_s", "epoch"} <= set(log[0])
     # cosine with one warm-up step (ceil(0.1 * 8)): the 8th update runs at 0.5 * (1 + cos(6 pi / 7)) * peak
     assert log[0]["lr"] == pytest.approx(1e-2)
-    assert [line for line in log if line.get("step") == 8][0]["lr"] == pytest.approx(
+    assert [line for line in log if line.get("step") == 8 and "event" not in line][0]["lr"] == pytest.approx(
         1e-2 * 0.5 * (1 + math.cos(6 * math.pi / 7)))
     assert (out / "sft.config.yaml").is_file()
     assert not sft_paths(config, "teacher").state.exists()  # resume state dropped when done
@@ -163,8 +163,8 @@ def test_killed_teacher_run_resumes_to_the_same_weights(teacher_run, tmp_path, m
     config = tiny_config(results, **TEACHER_SETTINGS)
     paths = sft_paths(config, "teacher")
 
-    def kill_after_step_5(step):
-        if step == 5:
+    def kill_after_step_5(result):
+        if result.step == 5:
             raise KeyboardInterrupt("simulated kill")
 
     with pytest.raises(KeyboardInterrupt):
@@ -199,8 +199,8 @@ def test_resume_state_from_other_settings_is_not_used(tmp_path):
     results = write_choice_task(tmp_path)
     config = tiny_config(results, **TEACHER_SETTINGS)
 
-    def kill_after_step_2(step):
-        if step == 2:
+    def kill_after_step_2(result):
+        if result.step == 2:
             raise KeyboardInterrupt("simulated kill")
 
     with pytest.raises(KeyboardInterrupt):
@@ -230,8 +230,9 @@ def test_cli_student_lora_run_writes_an_adapter_that_evaluate_accepts(tmp_path):
     assert "model.safetensors" not in files  # a LoRA run saves adapters only
     adapter = json.loads((student / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == str(results / "models" / "student_base")
-    checkpoint_line = [json.loads(line) for line in (student / "train_log.jsonl").read_text().splitlines()][-1]
-    assert checkpoint_line["event"] == "checkpoint" and checkpoint_line["step"] == 4
+    log = [json.loads(line) for line in (student / "train_log.jsonl").read_text().splitlines()]
+    checkpoint_lines = [line for line in log if line.get("event") == "checkpoint"]
+    assert [line["step"] for line in checkpoint_lines] == [4]
 
     config = tiny_config(results)
     tuned = pd.read_parquet(evaluate(config, student).with_suffix("").with_suffix(".predictions.parquet"))

@@ -12,10 +12,11 @@ import torch
 from test_cache import VOCAB, build_tiny_task, dense_logprobs, tiny_config
 from typer.testing import CliRunner
 
-from scd_pipeline import cache
+from scd_pipeline import cache, logit_cache
 from scd_pipeline.batching import read_split
 from scd_pipeline.cli import app
 from scd_pipeline.models import load_model
+from scd_pipeline.scoring import predict_split
 from scd_pipeline.subdomains import (
     checkpoint_kl_matrix,
     decompose_gap,
@@ -36,23 +37,23 @@ def test_adaptive_weight_is_sigmoid_of_log_ratio_equal_to_a_over_a_plus_b():
 
 
 # Four samples by hand. Best checkpoint T* = 2. d = student - teacher.
-#   s1 x: nll 0.5 vs 1.0 -> SFS, d = -0.5; correct S 1, T 0 -> error d = -1
-#   s2 x: nll 2.0 vs 1.0 -> TFS, d = +1.0; correct S 0, T 1 -> error d = +1
-#   s3 y: nll 1.0 vs 1.0 -> TFS (tie), d = 0; both correct -> 0
-#   s4 y: nll 0.2 vs 0.6 -> SFS, d = -0.4; both correct -> 0
+#   s1 x: nll 0.5 vs 1.0 -> SFS, d = -0.5; score S 1, T 0 -> error d = -1
+#   s2 x: nll 2.0 vs 1.0 -> TFS, d = +1.0; score S 0, T 1 -> error d = +1
+#   s3 y: nll 1.0 vs 1.0 -> TFS (tie), d = 0; both score 1 -> 0
+#   s4 y: nll 0.2 vs 0.6 -> SFS, d = -0.4; both score 1 -> 0
 SAMPLES = pd.DataFrame({"sample_id": ["s1", "s2", "s3", "s4"], "tag": ["x", "x", "y", "y"]})
 STUDENT = pd.DataFrame({"sample_id": ["s4", "s3", "s2", "s1"], "nll_mean": [0.2, 1.0, 2.0, 0.5],
-                        "correct": [True, True, False, True]})  # other row order: aligned by id
+                        "score": [1.0, 1.0, 0.0, 1.0]})  # other row order: aligned by id
 BEST = pd.DataFrame({"sample_id": ["s1", "s2", "s3", "s4"], "nll_mean": [1.0, 1.0, 1.0, 0.6],
-                     "correct": [False, True, True, True]})
+                     "score": [0.0, 1.0, 1.0, 1.0]})
 EARLY = pd.DataFrame({"sample_id": ["s1", "s2", "s3", "s4"], "nll_mean": [4.0, 4.0, 4.0, 4.0],
-                      "correct": [False, False, False, False]})
+                      "score": [0.0, 0.0, 0.0, 0.0]})
 
 
 def test_subdomain_table_by_hand():
     table = subdomain_table(SAMPLES, STUDENT, {1: EARLY, 2: BEST}, best_index=2)
-    assert list(table.columns) == ["sample_id", "tag", "student_sft_nll", "student_sft_correct",
-                                   "nll_ckpt_1", "correct_ckpt_1", "nll_ckpt_2", "correct_ckpt_2",
+    assert list(table.columns) == ["sample_id", "tag", "student_sft_nll", "student_sft_score",
+                                   "nll_ckpt_1", "score_ckpt_1", "nll_ckpt_2", "score_ckpt_2",
                                    "sfs", "aw_ckpt_1", "aw_ckpt_2"]
     assert table["student_sft_nll"].tolist() == [0.5, 2.0, 1.0, 0.2]
     assert table["sfs"].tolist() == [True, False, False, True]
@@ -71,7 +72,7 @@ def test_sfs_tfs_summary_adds_up_to_the_student_teacher_gap():
     assert loss["gap"] == pytest.approx(0.025)                # mean of d = 0.1 / 4
     assert loss["student"] - loss["teacher"] == pytest.approx(loss["gap"])
     assert loss["identity_error"] < 1e-12
-    metric = summary["metric"]  # risk = error = 1 - correct
+    metric = summary["metric"]  # risk = error = 1 - score
     assert (metric["student"], metric["teacher"]) == pytest.approx((0.25, 0.25))
     assert (metric["advantage_sfs"], metric["deficit_tfs"], metric["gap"]) == pytest.approx((-0.25, 0.25, 0.0))
     assert summary["per_tag"]["x"]["loss"]["gap"] == pytest.approx(0.25)   # (-0.5 + 1.0) / 2
@@ -117,11 +118,12 @@ def test_estimate_subdomains_writes_the_table_and_summary(estimated):
     summary = json.loads((root / "demo" / "subdomains.json").read_text())
     frame = read_split(root / "demo" / "data" / "train.parquet")
     assert table["sample_id"].tolist() == frame["sample_id"].tolist()
-    # L_S^SFT is the student's own gold NLL; L_c comes from each checkpoint's cache.
+    # L_S^SFT and its score are the student's own, by the one scoring pass; L_c from each cache.
     model, tokenizer = load_model(root / "demo" / "student_sft", device="cpu")
-    student = cache.gold_nll(model, frame, batch_size=5, pad_id=tokenizer.pad_token_id)
-    np.testing.assert_allclose(table["student_sft_nll"], student["nll_mean"], atol=1e-5)
-    stored = cache.open_task_cache(config, 1).stats().set_index("sample_id")
+    student = predict_split(model, tokenizer, frame, batch_size=5, max_new_tokens=64)
+    np.testing.assert_allclose(table["student_sft_nll"], -student["gold_logprob"] / student["gold_tokens"], atol=1e-5)
+    np.testing.assert_allclose(table["student_sft_score"], student["score"])
+    stored = logit_cache.open_task_cache(config, 1).stats().set_index("sample_id")
     np.testing.assert_allclose(table["nll_ckpt_1"], stored.loc[table["sample_id"], "nll_mean"], atol=1e-6)
     assert (table["sfs"] == (table["student_sft_nll"] < table["nll_ckpt_2"])).all()
     a, b = table["student_sft_nll"], table["nll_ckpt_1"]
@@ -148,7 +150,7 @@ def test_kl_between_checkpoints_equals_the_dense_kl_on_the_probe_set(estimated):
     assert matrix[1, 0] == pytest.approx(summary["kl_best_to_c"]["1"])
     reverse = (early.exp() * (early - best)).sum(-1).mean()
     assert matrix[0, 1] == pytest.approx(float(reverse), rel=1e-4)
-    caches = {k: cache.open_task_cache(config, k) for k in (1, 2)}
+    caches = {k: logit_cache.open_task_cache(config, k) for k in (1, 2)}
     assert checkpoint_kl_matrix(caches, probe)[2][1] == pytest.approx(summary["kl_best_to_c"]["1"])
 
 
@@ -162,3 +164,29 @@ def test_estimate_subdomains_refuses_a_stale_cache(estimated, tmp_path):
     result = CliRunner().invoke(app, ["estimate-subdomains", "--results-dir", str(copy), "--task", "demo",
                                       "--set", f"cache.top_k={VOCAB}"])
     assert result.exit_code == 2 and "ckpt-1.parquet: sidecar" in result.output
+
+
+def test_a_lora_sft_student_is_accepted(estimated, tmp_path):
+    """sft.mode: lora writes an adapter directory (adapter_config.json, no config.json)."""
+    import shutil
+
+    from peft import LoraConfig, get_peft_model
+
+    root, _ = estimated
+    copy = tmp_path / "results"
+    shutil.copytree(root, copy, copy_function=shutil.copy2)
+    base = copy / "models" / "student_base"
+    shutil.move(copy / "demo" / "student_sft", base)
+    model, tokenizer = load_model(base, device="cpu")
+    adapter = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    adapter.peft_config["default"].base_model_name_or_path = str(base)
+    adapter.save_pretrained(copy / "demo" / "student_sft")
+    tokenizer.save_pretrained(copy / "demo" / "student_sft")
+    assert not (copy / "demo" / "student_sft" / "config.json").exists()
+    result = CliRunner().invoke(app, ["estimate-subdomains", "--results-dir", str(copy), "--task", "demo",
+                                      "--set", f"cache.top_k={VOCAB}", "--set", "cache.dtype=fp32"])
+    assert result.exit_code == 0, result.output
+    table = pd.read_parquet(copy / "demo" / "subdomains.parquet")
+    original = pd.read_parquet(root / "demo" / "subdomains.parquet")
+    # a fresh LoRA adapter (B = 0) is the base model: the same NLLs as the full student it came from
+    np.testing.assert_allclose(table["student_sft_nll"], original["student_sft_nll"], atol=1e-5)
