@@ -71,6 +71,11 @@ def coerce_types(value: Any, node: dict, root: dict) -> Any:
             parsed = yaml.safe_load(value)
         except yaml.YAMLError:
             return value
+        if isinstance(parsed, str) and ("number" in types or "integer" in types):
+            try:  # YAML 1.1 reads "1e-4" (no dot) as a string
+                parsed = float(parsed)
+            except ValueError:
+                return value
         checks = {"integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
                   "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
                   "boolean": lambda v: isinstance(v, bool), "null": lambda v: v is None,

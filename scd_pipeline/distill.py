@@ -465,6 +465,7 @@ def run_distill(config: dict, method: str, weighting: str | None = None, name: s
     accelerator = make_accelerator(settings["precision"])
     seed_everything(config["seed"])
     model, tokenizer = load_model(paths.init, dtype="float32", device="cpu")
+    model.requires_grad_(True)  # every weight trains, also when init is a merged LoRA SFT student
     check_data_tokenizer(paths.data, tokenizer, paths.init)
     loop = LoopSettings.from_section(settings, settings["lr"], config["seed"])
     total = n_phases * planned_steps(len(train), loop.batch_size, loop.grad_accum * accelerator.num_processes,

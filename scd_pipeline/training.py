@@ -65,14 +65,17 @@ def resolve_mixed_precision(precision: str) -> str:
 
 
 def make_accelerator(precision: str):
-    """An ``accelerate.Accelerator`` for one or several processes (``accelerate launch``).
+    """An ``accelerate.Accelerator`` for one or several processes.
 
-    The learning rate is set by the loop at every optimizer step (no scheduler object), from the
-    global optimizer step, so it is the same for any number of processes.
+    Several processes come from ``accelerate launch --num_processes N`` on GPUs, or, on a machine
+    without CUDA, from any torchrun-style launcher (``accelerate launch --multi_gpu --num_processes
+    N`` or ``torchrun --nproc_per_node N``): ``cpu=True`` there makes accelerate join them into one
+    gloo process group instead of running N independent copies. The learning rate is set by the
+    loop at every optimizer step from the global step, so it does not depend on the process count.
     """
     from accelerate import Accelerator
 
-    return Accelerator(mixed_precision=resolve_mixed_precision(precision))
+    return Accelerator(mixed_precision=resolve_mixed_precision(precision), cpu=not torch.cuda.is_available())
 
 
 def seed_everything(seed: int) -> None:

@@ -77,11 +77,52 @@ def test_cli_reports_a_bad_override_in_one_line():
     assert lines == ["error: config key data.max_length: expected an integer, got 'abc'"]
 
 
-def test_cli_help_lists_the_stages():
+def test_cli_help_lists_every_stage_in_pipeline_order_and_each_has_help():
+    from scd_pipeline.cli import PIPELINE_ORDER
+
     result = CliRunner().invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ("prepare-data", "prepare-model"):
-        assert command in result.output
+    registered = [command.name for command in app.registered_commands]
+    assert registered == list(PIPELINE_ORDER)  # every command, in pipeline order
+    positions = [result.output.index(f" {name} ") for name in PIPELINE_ORDER]
+    assert positions == sorted(positions)
+    for name in PIPELINE_ORDER:
+        page = CliRunner().invoke(app, [name, "--help"])
+        assert page.exit_code == 0 and "Usage:" in page.output, name
+        assert "--config" in page.output or name in ("cache-info", "init"), name
+
+
+def test_snakemake_nested_config_strings_are_read_as_their_schema_types():
+    # Snakemake hands `--config 'data={demo: {seed: 7}}'` over as {'data': {'demo': {'seed': '7'}}}
+    config = load_config()
+    config["data"]["demo"]["seed"] = "7"
+    config["distill"]["phases"] = "null"
+    config["sft"]["teacher"]["lr"] = "1e-4"
+    config["models"]["student"]["keep_layers"] = "[0, 4]"
+    validate_config(config)
+    assert config["data"]["demo"]["seed"] == 7 and config["distill"]["phases"] is None
+    assert config["sft"]["teacher"]["lr"] == 1e-4 and config["models"]["student"]["keep_layers"] == [0, 4]
+    config["data"]["demo"]["seed"] = "seven"  # still a type error, in one line
+    with pytest.raises(ConfigError, match="config key data.demo.seed: expected an integer, got 'seven'"):
+        validate_config(config)
+
+
+def test_snakemake_dry_run_accepts_a_nested_config_override(tmp_path, repo_root):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    snakemake = str(Path(sys.executable).parent / "snakemake")
+    result = subprocess.run([snakemake, "-n", "-s", str(repo_root / "Snakefile"), "-d", str(tmp_path),
+                             "--config", "data={demo: {seed: 7}}"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "expected an integer" not in result.stdout + result.stderr
+
+
+def test_method_strings_are_checked_by_the_one_parser():
+    assert load_config(overrides={"distill.methods": ["cd+aw+paced", "scd_aw"]})["distill"]["methods"]
+    with pytest.raises(ConfigError, match="distill.methods: method 'taid\\+aw': TAID has no CE/KD mix"):
+        load_config(overrides={"distill.methods": ["taid+aw"]})
 
 
 def test_set_null_restores_a_nullable_default(tmp_path):

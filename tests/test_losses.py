@@ -330,6 +330,31 @@ def test_taid_first_updates_by_hand():
     assert adaptive > 0.40012  # the adaptive step beat the linear floor
 
 
+def test_taid_adaptive_term_follows_the_momentum_recursion_over_many_steps():
+    # With 10^6 total steps the linear floor barely moves, so t is driven by the adaptive term:
+    # falling losses (positive momentum) push t up faster than rising losses (negative momentum).
+    total = 1_000_000
+    falling, rising = Taid(), Taid()
+    t_f = t_r = 0.4
+    m_f = m_r = 0.0
+    previous_f = previous_r = None
+    for step in range(1, 201):
+        loss_f, loss_r = 2.0 * 0.99 ** step, 2.0 * 1.01 ** step
+        floor = 0.4 + 0.6 * step / total
+        if previous_f is None:
+            t_f, t_r = max(floor, t_f), max(floor, t_r)
+        else:
+            m_f = 0.99 * m_f + 0.01 * (previous_f - loss_f) / (previous_f + 1e-15)
+            m_r = 0.99 * m_r + 0.01 * (previous_r - loss_r) / (previous_r + 1e-15)
+            t_f = min(1.0, max(floor, t_f + 5e-4 / (1 + math.exp(-m_f)) * (1 - t_f)))
+            t_r = min(1.0, max(floor, t_r + 5e-4 / (1 + math.exp(-m_r)) * (1 - t_r)))
+        previous_f, previous_r = loss_f, loss_r
+        assert falling.update(loss_f, step, total) == pytest.approx(t_f, abs=1e-12)
+        assert rising.update(loss_r, step, total) == pytest.approx(t_r, abs=1e-12)
+    floor = 0.4 + 0.6 * 200 / total
+    assert falling.t - floor > 0.02 and falling.t > rising.t > floor  # the adaptive term dominates
+
+
 def test_taid_t_is_monotone_and_reaches_t_end():
     taid = Taid(t_start=0.4, t_end=1.0)
     total = 50

@@ -108,3 +108,20 @@ def test_primary_metric_defaults_and_rejects_mismatched_kinds():
 def test_length_mismatch_is_an_error():
     with pytest.raises(ValueError, match="2 gold labels but 1 predictions"):
         accuracy(["A", "B"], ["A"])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_kappa_and_macro_f1_agree_with_scikit_learn(seed):
+    import numpy as np
+    from sklearn.metrics import cohen_kappa_score, f1_score
+
+    rng = np.random.default_rng(seed)
+    categories = ["A", "B", "C", "D"]
+    gold = list(rng.choice(categories, size=60))
+    # predictions near the gold grade, sometimes off by one or two
+    pred = [categories[min(3, max(0, categories.index(g) + int(rng.choice([-2, -1, 0, 0, 0, 1]))))] for g in gold]
+    assert cohen_kappa(gold, pred, categories, "linear") == pytest.approx(
+        cohen_kappa_score(gold, pred, labels=categories, weights="linear"), abs=1e-12)
+    assert cohen_kappa(gold, pred, categories, "none") == pytest.approx(
+        cohen_kappa_score(gold, pred, labels=categories), abs=1e-12)
+    assert macro_f1(gold, pred) == pytest.approx(f1_score(gold, pred, average="macro"), abs=1e-12)

@@ -1,0 +1,151 @@
+"""Training past one process: two processes (a gloo group on this CPU) give the weights of one
+process with the same global batch, for SFT and for distillation, and a run killed mid-way
+resumes under two processes to the uninterrupted result.
+
+On a machine without CUDA, ``accelerate launch --multi_gpu --num_processes 2`` (torchrun) starts
+the processes and ``training.make_accelerator`` joins them into one CPU group; the one-process
+reference uses ``grad_accum: 2`` so both runs see the same micro-batches per optimizer step.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from scd_pipeline.cli import app
+
+ACCELERATE = str(Path(sys.executable).parent / "accelerate")
+TOLERANCE = 1e-6  # max |difference| of any weight; measured: 0.0 (the 2-way all-reduce is exact here)
+TINY = {
+    "task": "demo", "results_dir": "results", "seed": 0,
+    "data": {"demo": {"n_examples": 60, "test_size": 8}, "max_train_samples": 32},
+    "models": {"teacher": {"source": "tiny:llama"}, "student": {"keep_every": 2}},
+    "sft": {"batch_size": 4, "grad_accum": 1, "val_max_samples": 8,
+            "teacher": {"n_checkpoints": 2, "epochs": 2, "lr": 0.01}, "student": {"epochs": 1, "lr": 0.01}},
+    "cache": {"top_k": 8},
+    "subdomains": {"probe_size": 8},
+    "distill": {"phases": 2, "epochs_per_phase": 2, "batch_size": 4, "lr": 0.005},
+}
+
+
+def cli(workdir: Path, *args: str) -> None:
+    old = os.getcwd()
+    os.chdir(workdir)
+    try:
+        result = CliRunner().invoke(app, [*args, "--config", "tiny.yaml"])
+    finally:
+        os.chdir(old)
+    assert result.exit_code == 0, result.output
+
+
+def launch(workdir: Path, *args: str, processes: int = 2, wait: bool = True):
+    """``accelerate launch --multi_gpu --num_processes N -m scd_pipeline ...`` in ``workdir``."""
+    command = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+               "-m", "scd_pipeline", *args, "--config", "tiny.yaml"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)
+    if not wait:
+        return process
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output
+    return output
+
+
+def weights(directory: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(directory / "model.safetensors"))
+
+
+def max_difference(first: Path, second: Path) -> float:
+    a, b = weights(first), weights(second)
+    assert a.keys() == b.keys()
+    return max(float((a[name] - b[name]).abs().max()) for name in a)
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory) -> Path:
+    """Models, data, a two-checkpoint teacher, its caches, the SFT student and the subdomains."""
+    workdir = tmp_path_factory.mktemp("multiprocess")
+    (workdir / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    cli(workdir, "prepare-model", "--role", "teacher")
+    cli(workdir, "prepare-model", "--role", "student")
+    cli(workdir, "prepare-data")
+    cli(workdir, "sft", "--role", "teacher")
+    cli(workdir, "sft", "--role", "student")
+    for k in ("1", "2"):
+        cli(workdir, "cache-logits", "--checkpoint", k)
+    cli(workdir, "estimate-subdomains")
+    return workdir
+
+
+def copy_task(task: Path, target: Path) -> Path:
+    """The prepared models and data only (a teacher run must not touch the shared tree)."""
+    for part in ("results/models", "results/demo/data"):
+        shutil.copytree(task / part, target / part)
+    shutil.copy(task / "tiny.yaml", target / "tiny.yaml")
+    return target
+
+
+def test_two_process_sft_gives_the_one_process_weights(task, tmp_path):
+    two, one = copy_task(task, tmp_path / "two"), copy_task(task, tmp_path / "one")
+    launch(two, "sft", "--role", "teacher", "--grad-accum", "1")
+    # one process with grad_accum 2 sees the two processes' micro-batches in one step
+    cli(one, "sft", "--role", "teacher", "--grad-accum", "2")
+    for k in (1, 2):
+        assert max_difference(two / "results" / "demo" / "teacher" / f"ckpt-{k}",
+                              one / "results" / "demo" / "teacher" / f"ckpt-{k}") <= TOLERANCE
+    # the task's own teacher ran with grad_accum 1 on one process: another run, far away
+    assert max_difference(task / "results" / "demo" / "teacher" / "ckpt-2",
+                          one / "results" / "demo" / "teacher" / "ckpt-2") > 1e-3
+
+
+@pytest.fixture(scope="module")
+def two_process_scd_aw(task) -> Path:
+    launch(task, "distill", "--method", "scd_aw", "--name", "scd_aw-2p", "--set", "distill.grad_accum=1")
+    return task / "results" / "demo" / "students" / "scd_aw-2p"
+
+
+def test_two_process_distillation_gives_the_one_process_weights(task, two_process_scd_aw):
+    cli(task, "distill", "--method", "scd_aw", "--name", "scd_aw-1p", "--set", "distill.grad_accum=2")
+    one = task / "results" / "demo" / "students" / "scd_aw-1p"
+    assert max_difference(two_process_scd_aw, one) <= TOLERANCE
+    schedules = [yaml.safe_load((d / "schedule.json").read_text()) for d in (two_process_scd_aw, one)]
+    assert [p["checkpoint"] for p in schedules[0]["phases"]] == [p["checkpoint"] for p in schedules[1]["phases"]]
+
+
+def test_a_two_process_run_killed_mid_way_resumes_to_the_same_weights(task, two_process_scd_aw):
+    state = task / "results" / "demo" / ".state" / "distill-scd_aw-killed"
+    progress = state / "latest" / "progress.json"
+    args = ("distill", "--method", "scd_aw", "--name", "scd_aw-killed", "--set", "distill.grad_accum=1",
+            "--set", "distill.resume_every_minutes=0")
+    process = launch(task, *args, wait=False)
+    deadline = time.monotonic() + 300
+    step = 0
+    while time.monotonic() < deadline and process.poll() is None:
+        if progress.is_file():
+            step = yaml.safe_load(progress.read_text())["step"]
+            if step >= 3:
+                break
+        time.sleep(0.05)
+    # the launcher and both ranks at once (torchrun starts its workers in sessions of their own)
+    launcher = psutil.Process(process.pid)
+    for member in [launcher, *launcher.children(recursive=True)]:
+        member.send_signal(signal.SIGKILL)
+    process.communicate()
+    assert step >= 3 and not (task / "results" / "demo" / "students" / "scd_aw-killed").exists()
+    output = launch(task, *args)
+    assert "resuming at step" in output
+    assert max_difference(task / "results" / "demo" / "students" / "scd_aw-killed", two_process_scd_aw) <= TOLERANCE
