@@ -394,10 +394,10 @@ class DistillRecipe(Recipe):
             record["kl_best_to_c"] = {str(k): v for k, v in self.subdomains.kl_best_to_c.items()}
         return record
 
-    def publish(self, ctx: LoopContext) -> None:
+    def publish(self, ctx: LoopContext, state_dict: dict[str, Tensor]) -> None:
         """Write ``students/{name}/`` in one atomic step."""
         with atomic_dir(self.paths.output) as tmp:
-            ctx.model.save_pretrained(str(tmp))
+            ctx.save_model(tmp, state_dict)
             ctx.tokenizer.save_pretrained(str(tmp))
             shutil.copy2(self.paths.state / LOG_FILE, tmp / LOG_FILE)
             write_json(tmp / SCHEDULE_FILE, self.schedule_record(ctx))

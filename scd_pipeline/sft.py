@@ -100,14 +100,14 @@ def run_fingerprint(config: dict, role: str, paths: SftPaths, processes: int) ->
     return sha256_text(json.dumps(payload, sort_keys=True, default=str))
 
 
-def _save_checkpoint(model, tokenizer, target: Path, base_model: Path) -> None:
+def _save_checkpoint(ctx: LoopContext, state_dict: dict, target: Path, base_model: Path) -> None:
     """Weights only (a LoRA model saves its adapter, recording the base path) plus the tokenizer."""
     with atomic_dir(target) as tmp:
-        if hasattr(model, "peft_config"):
-            for adapter in model.peft_config.values():
+        if hasattr(ctx.model, "peft_config"):
+            for adapter in ctx.model.peft_config.values():
                 adapter.base_model_name_or_path = str(base_model)
-        model.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
+        ctx.save_model(tmp, state_dict)
+        ctx.tokenizer.save_pretrained(str(tmp))
 
 
 def _apply_lora(model, lora: dict):
@@ -161,8 +161,9 @@ class SftRecipe(Recipe):
                             "val_loss": val_metrics["loss"], "val_metric": val_metrics[self.metric_name]})
         state["checkpoints"].append(record)
         state["loss_since_checkpoint"], state["steps_since_checkpoint"] = 0.0, 0
+        state_dict = ctx.full_state_dict()  # every process takes part
         if ctx.accelerator.is_main_process:
-            _save_checkpoint(ctx.model, ctx.tokenizer, self.paths.state / record["path"], self.paths.base_model)
+            _save_checkpoint(ctx, state_dict, self.paths.state / record["path"], self.paths.base_model)
             append_log(self.paths.state / LOG_FILE, {"event": "checkpoint", **record,
                                                      "val_metrics": json_safe(val_metrics)})
             if self.role == "teacher":
@@ -170,8 +171,9 @@ class SftRecipe(Recipe):
         ctx.save_requested = True
         return {}
 
-    def publish(self, ctx: LoopContext) -> None:
-        """The teacher's checkpoints.json last (its checkpoints are already out), or student_sft/."""
+    def publish(self, ctx: LoopContext, state_dict: dict) -> None:
+        """The teacher's checkpoints.json last (its checkpoints are already out), or student_sft/
+        (the final weights were saved as the last checkpoint: ``state_dict`` is not needed)."""
         paths, records = self.paths, ctx.state["checkpoints"]
         log_path = paths.state / LOG_FILE
         if self.role == "teacher":

@@ -354,6 +354,7 @@ class LoopContext:
 
     accelerator: Any
     model: torch.nn.Module
+    wrapper: torch.nn.Module
     optimizer: Any
     tokenizer: Any
     frame: pd.DataFrame
@@ -369,6 +370,16 @@ class LoopContext:
     def state(self) -> dict:
         """The recipe's own JSON-serialisable state, saved and restored with the resume state."""
         return self.progress["recipe"]
+
+    def full_state_dict(self) -> dict[str, Tensor]:
+        """The model's whole state dict, gathered from every process (a collective: call it on
+        all processes; under FSDP the shards are assembled, under DDP it is each process's copy)."""
+        wrapped = self.accelerator.get_state_dict(self.wrapper)
+        return {name.removeprefix("model."): value for name, value in (wrapped or {}).items()}
+
+    def save_model(self, target: Path, state_dict: dict[str, Tensor]) -> None:
+        """``save_pretrained`` of the model (or LoRA adapter) with a gathered ``state_dict``."""
+        self.model.save_pretrained(str(target), state_dict=state_dict)
 
     def no_grad(self, compute: Callable[[], Any]) -> Any:
         """Run ``compute`` on the model in eval mode (autocast, no grad), then back to train mode."""
@@ -410,8 +421,9 @@ class Recipe:
         ``ctx.save_requested = True`` to save the resume state now."""
         return {}
 
-    def publish(self, ctx: LoopContext) -> None:
-        """Write the stage's outputs (main process only), from ``ctx.model`` and ``ctx.progress``."""
+    def publish(self, ctx: LoopContext, state_dict: dict[str, Tensor]) -> None:
+        """Write the stage's outputs (main process only) from ``ctx.progress`` and the model's
+        gathered ``state_dict`` (save it with ``ctx.save_model``)."""
         raise NotImplementedError
 
 
@@ -472,7 +484,7 @@ def run_training(recipe: Recipe, accelerator, model: torch.nn.Module, tokenizer,
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         truncate_log(log_path, progress["step"])
-    ctx = LoopContext(accelerator, unwrapped, optimizer, tokenizer, frame, progress, recipe.total_steps)
+    ctx = LoopContext(accelerator, unwrapped, wrapper, optimizer, tokenizer, frame, progress, recipe.total_steps)
     recipe.start(ctx)
 
     resume_every_s = settings.resume_every_minutes * 60
@@ -565,8 +577,9 @@ def run_training(recipe: Recipe, accelerator, model: torch.nn.Module, tokenizer,
     bar.close()
 
     accelerator.wait_for_everyone()
+    state_dict = ctx.full_state_dict()
     if accelerator.is_main_process:
-        recipe.publish(ctx)
+        recipe.publish(ctx, state_dict)
         shutil.rmtree(state_dir, ignore_errors=True)
     accelerator.wait_for_everyone()
     return ctx

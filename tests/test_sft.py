@@ -177,7 +177,7 @@ def test_killed_teacher_run_resumes_to_the_same_weights(teacher_run, tmp_path, m
     saved_now = []
     original_save = sft_module._save_checkpoint
     monkeypatch.setattr(sft_module, "_save_checkpoint",
-                        lambda model, tok, target, base: saved_now.append(target.name) or original_save(model, tok, target, base))
+                        lambda ctx, state, target, base: saved_now.append(target.name) or original_save(ctx, state, target, base))
     run_sft(config, "teacher")
 
     assert saved_now == ["ckpt-3", "ckpt-4"]  # finished checkpoints are not redone
