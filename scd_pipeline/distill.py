@@ -391,14 +391,16 @@ class DistillPaths:
 
 def distill_paths(config: dict, name: str) -> DistillPaths:
     """Where a distillation run named ``name`` reads and writes."""
-    if not name or any(c in name for c in "/\\") or name.startswith("."):
-        raise ConfigError(f"--name {name!r}: must be a plain folder name (no '/', not starting with '.')")
+    segments = name.split("/") if name else []
+    if not segments or "\\" in name or any(not part or part.startswith(".") for part in segments):
+        raise ConfigError(f"--name {name!r}: must be a folder name or '/'-separated folder names "
+                          "(e.g. td/seed-1), none empty or starting with '.'")
     root = task_dir(config)
     init = (Path(config["results_dir"]) / "models" / "student_base" if config["distill"]["init"] == "base"
             else root / "student_sft")
     return DistillPaths(data=root / "data", teacher=root / "teacher", init=init,
                         subdomains=root / "subdomains.parquet", output=root / "students" / name,
-                        state=root / ".state" / f"distill-{name}")
+                        state=root / ".state" / f"distill-{name.replace('/', '--')}")
 
 
 def _check_init(paths: DistillPaths, init: str) -> None:
