@@ -22,8 +22,9 @@ Which evaluation is which row (names as ``naming.default_eval_name`` derives the
 
 A row whose evaluation is missing stays in the table as "not run", with the command that produces
 it; a plot whose input is missing is listed with the reason. The best student is the student row
-(SFT or distilled) with the highest primary metric (``sft.val_metric``: accuracy for choice tasks,
-exact F1 for list tasks), ties broken by the other metrics in table order; rows still tied are all
+(SFT or distilled) with the highest primary metric (the metric T* was chosen by, as
+``teacher/checkpoints.json`` records it, else ``sft.val_metric``: accuracy for choice tasks, exact
+F1 for list tasks), ties broken by the other metrics in table order; rows still tied are all
 marked best. Replicated rows show the mean over seeds.
 
 Intervals (:mod:`scd_pipeline.evidence`, :mod:`scd_pipeline.stats`): a paired bootstrap over the
@@ -214,15 +215,17 @@ def student_names(config: dict, root: Path) -> list[str]:
 
 
 def replicate_indices(config: dict, root: Path, name: str) -> list[int]:
-    """Seeds of a distilled student: range(``replicates``) for a configured method when it is > 1,
-    the ``seed-{s}`` sub-folders of another ``students/{name}``, else none (one model)."""
-    if name in config.get("distill", {}).get("methods", []):
-        count = int(config.get("replicates", 1))
-        return list(range(count)) if count > 1 else []
+    """Seeds of a distilled student: range(``replicates``) when the config has more than one;
+    else the ``seed-{s}`` sub-folders of ``students/{name}`` when it has no single evaluation
+    (a run made with other settings, e.g. read by ``report --tasks``); else none (one model)."""
+    count = int(config.get("replicates", 1))
+    if count > 1:
+        return list(range(count))
     folder = root / "students" / name
-    found = [int(p.name.removeprefix("seed-")) for p in folder.iterdir()
-             if p.is_dir() and re.fullmatch(r"seed-\d+", p.name)] if folder.is_dir() else []
-    return sorted(found)
+    if (root / "eval" / f"{student_eval_name(name)}.json").is_file() or not folder.is_dir():
+        return []
+    return sorted(int(p.name.removeprefix("seed-")) for p in folder.iterdir()
+                  if p.is_dir() and re.fullmatch(r"seed-\d+", p.name))
 
 
 def model_rows(config: dict, root: Path, best_index: int | None) -> list[ModelRow]:
@@ -953,7 +956,9 @@ def gather_inputs(config: dict, details: bool = True) -> ReportInputs:
     rows = model_rows(config, root, best_index)
     kind = task_kind(config, root, rows)
     metrics = metric_names(kind)
-    primary = primary_metric(kind, config.get("sft", {}).get("val_metric", "auto"))
+    # The main metric is the one T* was chosen by (checkpoints.json), else the config's.
+    chosen_by = (checkpoints or {}).get("metric")
+    primary = chosen_by if chosen_by in metrics else primary_metric(kind, config.get("sft", {}).get("val_metric", "auto"))
     checkpoint_evals = teacher_checkpoint_evals(root / "eval")
     settings = config["report"]
     evidence = gather_evidence(root / "eval", evaluated_models(config, rows, checkpoint_evals), kind, metrics,
@@ -1365,7 +1370,7 @@ def build_multitask_report(config: dict, tasks: Sequence[str]) -> MultitaskResul
                for row in inputs.rows if row.missing and _table1_key(row) is not None]
     replicated = {task: inputs.config.get("replicates", 1) for task, inputs in per_task.items()}
     blocks: list[Block] = [
-        ("p", f"Main metric of every task (`sft.val_metric`) on its test split, generated "
+        ("p", f"Main metric of every task (the metric its T* was chosen by) on its test split, generated "
               f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} from `{config['results_dir']}`. "
               f"Each cell is `estimate [low, high]`, a {config['report']['confidence']:.0%} paired-bootstrap "
               "interval over that task's test rows; Average is the mean over the tasks, its interval "

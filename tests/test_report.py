@@ -86,12 +86,12 @@ def write_eval(root: Path, name: str, predictions: list[str], task: str = "demo"
         "malformed_outputs": 0, "seconds": 0.1, "samples_per_s": 40.0, "device": "cpu", "dtype": "float32"}))
 
 
-def write_checkpoints(root: Path) -> None:
+def write_checkpoints(root: Path, metric_name: str = "accuracy") -> None:
     """teacher/checkpoints.json as sft writes it: three checkpoints, T* = 2."""
     entries = [{"index": k, "path": f"ckpt-{k}", "step": 10 * k, "epoch": k / 3, "train_loss": 2.0 / k,
                 "val_loss": loss, "val_metric": metric, "best": k == 2}
                for k, loss, metric in ((1, 1.5, 0.40), (2, 1.0, 0.80), (3, 1.1, 0.75))]
-    write_json(root / "teacher" / "checkpoints.json", {"metric": "accuracy", "best_index": 2,
+    write_json(root / "teacher" / "checkpoints.json", {"metric": metric_name, "best_index": 2,
                                                        "checkpoints": entries})
 
 
@@ -468,20 +468,30 @@ def test_replicated_students_show_mean_spread_and_missing_seeds(tmp_path):
     assert "SCD+AW: seed-1: run `scd-pipeline distill --method scd_aw --name scd_aw/seed-1" in text
     assert result.missing_evals == []
     assert "results.png" in {p.name for p in result.plots}
+    # Read with replicates: 1 (e.g. by report --tasks with another task's config), the seed
+    # folders on disk still make TD a replicated row.
+    for seed in (0, 1):
+        (root / "students" / "td" / f"seed-{seed}").mkdir(parents=True)
+    build_report({**config, "replicates": 1})
+    summary = pd.read_csv(root / "summary.csv").set_index("eval_name")
+    assert summary.loc["td", ["accuracy", "seeds"]].tolist() == [0.875, 2]
 
 
 # --- the paper's Table 1 across tasks ----------------------------------------------------------
 
 def test_multitask_table_in_the_paper_shape(tmp_path):
-    """demo: T* 1.0, SFT 0.5, TD 0.75, SCD+AW 0.5 (TAID not run). smdis (gold A B A B): T* 0.75,
-    SFT 0.5, TD 0.5, TAID 0.25, SCD+AW 1.0. Averages: T* 0.875, SFT 0.5, TD 0.625, SCD+AW 0.75;
-    TAID has no demo result, so no average. Best student per column: TD (demo), SCD+AW (smdis and
-    the average); the teacher never competes."""
+    """Each task's column is the metric its T* was chosen by: demo accuracy, smdis macro-F1.
+    demo: T* 1.0, SFT 0.5, TD 0.75, SCD+AW 0.5 (TAID not run). smdis (gold A B A B), macro-F1 =
+    mean over A and B of 2TP / (2TP + FP + FN): T* (A B A A) (4/5 + 2/3) / 2 = 11/15; SFT (A A A A)
+    (2/3 + 0) / 2 = 1/3; TD (A B B A) (1/2 + 1/2) / 2 = 1/2; TAID (B A A A) (2/5 + 0) / 2 = 1/5;
+    SCD+AW 1. Averages: T* 13/15, SFT 5/12, TD 5/8, SCD+AW 3/4; TAID has no demo result, so no
+    average. Best student per column: TD (demo), SCD+AW (smdis and the average); the teacher
+    never competes."""
     config = load_config(overrides={"results_dir": str(tmp_path / "results"),
                                     "distill.methods": ["td", "taid", "scd_aw"]})
     demo, smdis = tmp_path / "results" / "demo", tmp_path / "results" / "smdis"
     write_checkpoints(demo)
-    write_checkpoints(smdis)
+    write_checkpoints(smdis, "macro_f1")
     for name, predictions in (("teacher-ckpt-2", GOLD), ("student_sft", ["A", "A", "C", "C"]),
                               ("td", ["A", "B", "C", "C"]), ("scd_aw", ["A", "A", "A", "D"])):
         write_eval(demo, name, predictions)
@@ -500,18 +510,20 @@ def test_multitask_table_in_the_paper_shape(tmp_path):
     table = pd.read_csv(out / "summary.csv").set_index("model")
     assert table.index.tolist() == ["Teacher (T*)", "SFT student", "TD", "TAID", "SCD+AW"]
     assert table["demo"].tolist()[:3] == [1.0, 0.5, 0.75] and math.isnan(table.loc["TAID", "demo"])
-    assert table["smdis"].tolist() == [0.75, 0.5, 0.5, 0.25, 1.0]
-    assert table.loc[["Teacher (T*)", "SFT student", "TD", "SCD+AW"], "average"].tolist() == [0.875, 0.5, 0.625, 0.75]
+    assert table["smdis"].tolist() == pytest.approx([11 / 15, 1 / 3, 1 / 2, 1 / 5, 1.0])
+    assert table.loc[["Teacher (T*)", "SFT student", "TD", "SCD+AW"], "average"].tolist() == pytest.approx(
+        [13 / 15, 5 / 12, 5 / 8, 3 / 4])
     assert math.isnan(table.loc["TAID", "average"])
     assert table.index[table["demo_best"]].tolist() == ["TD"]
     assert table.index[table["smdis_best"]].tolist() == ["SCD+AW"]
     assert table.index[table["average_best"]].tolist() == ["SCD+AW"]
     assert (table["smdis_low"] <= table["smdis"]).all() and (table["smdis"] <= table["smdis_high"]).all()
     assert table.loc["TD", "average_low"] <= 0.625 <= table.loc["TD", "average_high"]
-    assert table["smdis_metric"].unique().tolist() == ["accuracy"]
+    assert (table["demo_metric"].unique().tolist(), table["smdis_metric"].unique().tolist()) == (
+        ["accuracy"], ["macro_f1"])
     text = (out / "report.md").read_text(encoding="utf-8")
     header = next(line for line in text.splitlines() if line.startswith("| Model"))
-    assert [c.strip() for c in header.split("|")[1:-1]] == ["Model", "demo (Accuracy)", "smdis (Accuracy)", "Average"]
+    assert [c.strip() for c in header.split("|")[1:-1]] == ["Model", "demo (Accuracy)", "smdis (Macro-F1)", "Average"]
     scd_aw = next(line for line in text.splitlines() if line.startswith("| SCD+AW"))
     assert [c.strip().startswith("**") for c in scd_aw.split("|")[2:-1]] == [False, True, True]
     taid = next(line for line in text.splitlines() if line.startswith("| TAID"))
