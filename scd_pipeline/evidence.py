@@ -106,6 +106,8 @@ def sample_scores(frames: Sequence[pd.DataFrame], kind: str, categories: Sequenc
                       for g, p in zip(f["gold"], f["prediction"], strict=True)], dtype=np.float64)
             for f in frames], axis=1)
         return SampleScores(per_row)
+    if not categories:  # an evaluation that did not record them: the letters seen, in order
+        categories = sorted({str(v) for f in frames for v in (*f["gold"], *f["prediction"])})
     position = {letter: i for i, letter in enumerate(categories)}
     unknown = sorted({str(v) for f in frames for v in (*f["gold"], *f["prediction"])} - set(position))
     if unknown:

@@ -602,7 +602,7 @@ def plot_results(points: Sequence[dict], references: Sequence[dict], metric_labe
         figure.legend(loc="outside lower center", ncols=len(references), fontsize=8)
     # Paired differences can be resolved although two single intervals overlap: the Differences
     # table, not this picture, says which are.
-    axis.set_title(f"Test {metric_label} per model (dots x: single seeds); paired differences in the table",
+    axis.set_title(f"Test {metric_label} per model (x: single seeds); paired differences in the table",
                    fontsize=9)
     figure.savefig(path, format="png")
 # --- the document: blocks rendered to Markdown and HTML -------------------------------------------
@@ -793,9 +793,10 @@ def resolution_text(found: Resolution | None) -> str:
     if found is None:
         return "Not computed: fewer than two students have per-row predictions."
     metric = METRIC_LABELS[found.metric]
-    text = (f"Two students' per-row {metric} differ with variance {found.row_variance:.4f} (median over "
-            f"{found.pairs} student pairs; for accuracy: the share of rows where exactly one of the two "
-            f"is right, minus the squared difference). A difference of {found.target:.2f} in {metric} is "
+    per_row = f"per-row {metric}" + (" (mean over seeds)" if found.seeds > 1 else "")
+    text = (f"Two students' {per_row} differ with variance {found.row_variance:.4f} (median over "
+            f"{found.pairs} student pairs; for accuracy from one seed: the share of rows where exactly one "
+            f"of the two is right, minus the squared difference). A difference of {found.target:.2f} in {metric} is "
             f"resolved (its {found.confidence:.0%} interval excludes 0) with probability {found.power:.0%} "
             f"from n ≥ {found.required_rows} test rows; this test set has n = {found.n}.")
     if found.seed_variance is None:

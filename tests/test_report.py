@@ -535,3 +535,19 @@ def test_report_tasks_option_refuses_an_empty_list_in_one_line(tmp_path):
     outcome = CliRunner().invoke(app, ["report", "--tasks", " , ", "--results-dir", str(tmp_path)])
     assert outcome.exit_code == 2
     assert outcome.output.strip() == "error: --tasks ' , ': name at least one task, e.g. --tasks demo,smdis"
+
+
+def test_evaluation_without_predictions_keeps_its_numbers_and_says_why_it_has_no_interval(tmp_path):
+    config = load_config(overrides={"results_dir": str(tmp_path / "results"), "distill.methods": ["td"]})
+    root = tmp_path / "results" / "demo"
+    write_checkpoints(root)
+    for name, predictions in (("teacher-ckpt-2", GOLD), ("student_sft", ["A", "A", "C", "C"]),
+                              ("td", ["A", "B", "C", "C"])):
+        write_eval(root, name, predictions)
+    (root / "eval" / "td.predictions.parquet").unlink()  # evaluated before predictions were kept
+    build_report(config)
+    summary = pd.read_csv(root / "summary.csv").set_index("eval_name")
+    assert summary.loc["td", "accuracy"] == 0.75 and math.isnan(summary.loc["td", "accuracy_low"])
+    assert summary.loc["student_sft", "accuracy_low"] == 0.0  # the others still have intervals
+    missing = (root / "report.md").read_text(encoding="utf-8").split("## What is missing")[1]
+    assert f"TD: no intervals: {root / 'eval' / 'td.predictions.parquet'} not found" in missing
