@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from scd_pipeline.config import task_dir, write_effective_config
+from scd_pipeline.config import task_dir, validate_config, write_effective_config
 from scd_pipeline.errors import ConfigError, DataError
 from scd_pipeline.evidence import (
     PARTITIONS,
@@ -1354,6 +1354,7 @@ def build_multitask_report(config: dict, tasks: Sequence[str]) -> MultitaskResul
     ``{results_dir}/tasks-a+b/report.md``, ``report.html`` and ``summary.csv``. Every task is read
     with the same config (``task`` set to it); a task without results shows its rows as not run."""
     tasks = list(tasks)
+    validate_config({**config, "tasks": tasks})  # unknown task names: one line naming the key
     per_task = {task: gather_inputs({**config, "task": task}, details=False) for task in tasks}
     frame, metrics = multitask_frame(per_task)
     out = multitask_dir(config["results_dir"], tasks)

@@ -535,6 +535,9 @@ def test_report_tasks_option_refuses_an_empty_list_in_one_line(tmp_path):
     outcome = CliRunner().invoke(app, ["report", "--tasks", " , ", "--results-dir", str(tmp_path)])
     assert outcome.exit_code == 2
     assert outcome.output.strip() == "error: --tasks ' , ': name at least one task, e.g. --tasks demo,smdis"
+    outcome = CliRunner().invoke(app, ["report", "--tasks", "demo,smids", "--results-dir", str(tmp_path)])
+    assert outcome.exit_code == 2
+    assert outcome.output.startswith("error: config key tasks.1: 'smids' is not one of [")
 
 
 def test_evaluation_without_predictions_keeps_its_numbers_and_says_why_it_has_no_interval(tmp_path):
