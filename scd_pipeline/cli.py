@@ -323,20 +323,35 @@ def evaluate_command(
 @app.command("report")
 def report_command(
     task: TaskOption = None,
+    tasks: Annotated[str | None, typer.Option(
+        help="Comma-separated tasks, e.g. demo,smdis: write the paper's Table 1 across them "
+        "({results_dir}/tasks-demo+smdis/report.md, report.html, summary.csv) instead of one task's "
+        "report.", show_default=False)] = None,
+    resamples: Annotated[int | None, typer.Option(
+        help="Paired bootstrap resamples of the test rows, at least 1000 (default: config "
+        "report.resamples).", show_default=False)] = None,
     config: ConfigOption = None,
     results_dir: ResultsOption = None,
     set_: SetOption = None,
 ) -> None:
-    """Compare the teacher (T*), the SFT student and every distilled student: {results_dir}/{task}/
-    report.md, report.html, summary.csv and plots/*.png. Missing evaluations are listed as "not run"."""
+    """Compare the teacher (T*), the SFT student and every distilled student, with paired-bootstrap
+    intervals: {results_dir}/{task}/report.md, report.html, summary.csv, sfs_tfs.csv and plots/*.png.
+    Missing evaluations are listed as "not run"."""
     try:
-        cfg = build_config(config, set_, task=task, results_dir=str(results_dir) if results_dir else None)
-        from scd_pipeline.report import build_report
+        cfg = build_config(config, set_, task=task, results_dir=str(results_dir) if results_dir else None,
+                           **{"report.resamples": resamples})
+        from scd_pipeline.report import build_multitask_report, build_report, parse_tasks
 
+        if tasks is not None:
+            table = build_multitask_report(cfg, parse_tasks(tasks))
+            typer.echo(f"wrote {table.markdown}, {table.html} and {table.summary_csv}")
+            for line in table.missing:
+                typer.echo(f"not run: {line}")
+            return
         result = build_report(cfg)
     except ScdError as exc:
         _fail(str(exc))
-    typer.echo(f"wrote {result.markdown}, {result.html}, {result.summary_csv} and "
+    typer.echo(f"wrote {result.markdown}, {result.html}, {result.summary_csv}, {result.outcome_csv} and "
                f"{len(result.plots)} plots in {result.markdown.parent / 'plots'}")
     for line in result.missing_evals:
         typer.echo(f"not run: {line}")

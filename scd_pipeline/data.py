@@ -9,7 +9,8 @@ effective config are written into a temporary directory that replaces ``{task}/d
 everything succeeded. See docs/ARTIFACTS.md for the columns.
 
 Sources: ``demo`` (scd_pipeline.demo), JMED-LLM CSVs (crade, rrtnm, smdis, jmmlu_med, nrner;
-optionally downloaded from the upstream repository), PubMedQA expert set, and ``custom`` files.
+optionally downloaded from the upstream repository), PubMedQA expert set, and ``custom`` files or
+a Hugging Face dataset (a ``save_to_disk`` folder, or a hub id already in the local cache).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import urllib.error
 import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -227,7 +229,7 @@ def read_csv_records(path: Path) -> list[dict[str, str]]:
     return frame.to_dict("records")
 
 
-def require_columns(path: Path, columns: Iterable[str], required: Iterable[str]) -> None:
+def require_columns(path: str | Path, columns: Iterable[str], required: Iterable[str]) -> None:
     present = list(columns)
     for column in required:
         if column not in present:
@@ -453,17 +455,24 @@ def cell_text(value: Any) -> str:
 
 def custom_examples(path: Path, split: str, custom: dict) -> list[Example]:
     """Rows of one custom file (JSONL, CSV or Parquet) mapped through ``data.custom.fields``."""
-    fields, kind = custom["fields"], custom["kind"]
     records, row_word = read_table_records(path)
+    return map_custom_records(records, row_word, path, split, custom)
+
+
+def map_custom_records(records: Sequence[dict | None], row_word: str, where: str | Path, split: str,
+                       custom: dict) -> list[Example]:
+    """Custom rows (from a file or a dataset split named ``where``) as examples, mapped through
+    ``data.custom.fields``; errors name ``where``, the row and the column."""
+    fields, kind = custom["fields"], custom["kind"]
     required = [fields["question"], fields["answer"]] + [f for f in (fields.get("id"), fields.get("tag")) if f]
     required += list(fields.get("options") or []) if kind == "choice" else []
     if row_word == "row":  # tabular: one header for all rows
-        require_columns(path, records[0].keys(), required)
+        require_columns(where, records[0].keys(), required)
     examples = []
     for index, record in enumerate(records):
         if record is None:  # blank JSONL line
             continue
-        origin = f"{path}: {row_word} {index + 1}"
+        origin = f"{where}: {row_word} {index + 1}"
         for column in required:
             if column not in record:
                 raise DataError(f"{origin}, column '{column}': missing")
@@ -486,23 +495,94 @@ def custom_examples(path: Path, split: str, custom: dict) -> list[Example]:
 
 
 def load_custom(custom: dict) -> TaskSource:
-    """Custom train/test (and optional val) files; val is carved from train when not given."""
-    for key in ("train", "test"):
-        if not custom.get(key):
-            raise ConfigError(f"config key data.custom.{key}: set the path of the {key} file")
+    """Custom train/test (and optional val) files, or splits of a Hugging Face dataset
+    (``data.custom.dataset``); val is carved from train when not given."""
     if custom["kind"] == "choice" and not custom["fields"].get("options"):
         raise ConfigError("config key data.custom.fields.options: list the option columns in "
                           "letter order (a choice task needs them)")
+    if custom.get("dataset"):
+        return load_custom_dataset(custom)
+    for key in ("train", "test"):
+        if not custom.get(key):
+            raise ConfigError(f"config key data.custom.{key}: set the path of the {key} file")
     paths = {split: Path(custom[split]) for split in SPLITS if custom.get(split)}
     examples = {split: custom_examples(path, split, custom) for split, path in paths.items()}
+    return custom_source(examples, custom, [file_record(path, split) for split, path in paths.items()])
+
+
+def custom_source(examples: dict[str, list[Example]], custom: dict, files: list[dict]) -> TaskSource:
+    """The custom rows of every split as a task source, ids (and, without a val split, questions)
+    checked unique."""
     check_unique(((e.sample_id, e.origin) for split in examples for e in examples[split]),
                  "id", custom["fields"].get("id") or "<row number>")
     if "val" not in examples:  # a repeated question would leak between train and val
         check_unique(((e.body, e.origin) for e in examples["train"]), "question",
                      custom["fields"]["question"])
     return TaskSource(kind=custom["kind"], test=examples["test"], pool=examples["train"],
-                      val=examples.get("val"),
-                      files=[file_record(path, split) for split, path in paths.items()])
+                      val=examples.get("val"), files=files)
+
+
+@contextmanager
+def hub_offline():
+    """Hugging Face hub access switched off (datasets and huggingface_hub), restored afterwards:
+    a hub id is only ever read from the local cache."""
+    import datasets
+    import huggingface_hub.constants
+
+    before = datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = before
+
+
+def open_hf_dataset(source: str, config_name: str | None):
+    """A ``datasets.DatasetDict`` from a ``save_to_disk`` directory or a hub id in the local cache
+    (``HF_DATASETS_CACHE``); never downloads. A single saved ``Dataset`` is its train split."""
+    import datasets
+
+    folder = Path(source).expanduser()
+    if folder.is_dir():
+        try:
+            loaded = datasets.load_from_disk(str(folder))
+        except (FileNotFoundError, ValueError) as exc:
+            raise DataError(f"config key data.custom.dataset: {folder} is a folder but not a dataset saved "
+                            f"with save_to_disk ({str(exc).splitlines()[0]})") from exc
+        return datasets.DatasetDict({"train": loaded}) if isinstance(loaded, datasets.Dataset) else loaded
+    with hub_offline():
+        try:
+            loaded = datasets.load_dataset(source, name=config_name)
+        except Exception as exc:  # datasets raises ConnectionError, FileNotFoundError, ValueError, ...
+            reason = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+            raise DataError(
+                f"config key data.custom.dataset: {source!r} is neither a save_to_disk folder nor a "
+                f"dataset in the local Hugging Face cache ({datasets.config.HF_DATASETS_CACHE}); load it "
+                f"once where the hub is reachable, or save it with save_to_disk ({reason})") from exc
+    return loaded
+
+
+def load_custom_dataset(custom: dict) -> TaskSource:
+    """Custom rows from a Hugging Face dataset: ``data.custom.train`` / ``val`` / ``test`` name its
+    splits (default train, none, test), mapped through ``data.custom.fields`` like files."""
+    source = str(custom["dataset"])
+    dataset = open_hf_dataset(source, custom.get("dataset_config"))
+    names = {"train": custom.get("train") or "train", "test": custom.get("test") or "test"}
+    if custom.get("val"):
+        names["val"] = custom["val"]
+    examples, files = {}, []
+    for split, name in names.items():
+        if name not in dataset:
+            raise DataError(f"config key data.custom.{split}: dataset {source} has no split {name!r} "
+                            f"(it has {', '.join(sorted(dataset)) or 'none'}); name one of them")
+        part = dataset[name]
+        where = f"{source} [split {name}]"
+        if not len(part):
+            raise DataError(f"{where}: no rows")
+        examples[split] = map_custom_records(part.to_list(), "row", where, split, custom)
+        files.append({"role": split, "path": where, "dataset": source, "split": name, "rows": len(part),
+                      "fingerprint": getattr(part, "_fingerprint", None)})
+    return custom_source(examples, custom, files)
 
 
 # --------------------------------------------------------------------------------------------

@@ -210,16 +210,16 @@ class DistillPaths:
 def distill_paths(config: dict, name: str) -> DistillPaths:
     """Where a distillation run named ``name`` reads and writes. ``name`` is a plain folder name or
     several joined by '/' (e.g. ``td/seed-1``); no segment is empty or starts with '.'."""
-    parts = name.split("/") if name else [""]
-    if any(not part or part.startswith(".") or "\\" in part for part in parts):
-        raise ConfigError(f"--name {name!r}: must be a plain folder name, or several joined by '/' "
-                          "(none empty or starting with '.')")
+    segments = name.split("/") if name else []
+    if not segments or "\\" in name or any(not part or part.startswith(".") for part in segments):
+        raise ConfigError(f"--name {name!r}: must be a folder name or '/'-separated folder names "
+                          "(e.g. td/seed-1), none empty or starting with '.'")
     root = task_dir(config)
     init = (Path(config["results_dir"]) / "models" / "student_base" if config["distill"]["init"] == "base"
             else root / "student_sft")
     return DistillPaths(data=root / "data", teacher=root / "teacher", init=init,
                         subdomains=root / "subdomains.parquet", summary=root / "subdomains.json",
-                        output=root / "students" / name, state=root / ".state" / f"distill-{'--'.join(parts)}")
+                        output=root / "students" / name, state=root / ".state" / f"distill-{name.replace('/', '--')}")
 
 
 def require_inputs(config: dict, paths: DistillPaths, method: Method, checkpoints: dict, needed: Sequence[int]) -> None:

@@ -42,6 +42,7 @@ from scd_pipeline.logit_cache import LogitCache, open_task_cache
 from scd_pipeline.models import is_model_dir
 from scd_pipeline.schedules import CACHE_KL_DEFINITION, cache_kl, mean_token_kl
 from scd_pipeline.scoring import predict_split
+from scd_pipeline.stats import decompose_gap
 from scd_pipeline.weighting import adaptive_weight
 
 NLL_DEFINITION = "per-sample gold NLL, mean over completion tokens, temperature 1 (cache column nll_mean)"
@@ -55,31 +56,6 @@ def probe_sample_ids(sample_ids: Sequence[str], size: int, seed: int) -> list[st
     if size >= len(ordered):
         return ordered
     return sorted(random.Random(seed).sample(ordered, size))
-
-
-def decompose_gap(student_risk: np.ndarray, teacher_risk: np.ndarray, sfs: np.ndarray) -> dict:
-    """R(S) - R(T) = share_SFS * mean_SFS(d) + share_TFS * mean_TFS(d), d = r_S - r_T per sample.
-
-    Returns the means, the gap, the conditional mean differences (None on an empty side), the
-    two signed contributions ``advantage_sfs`` and ``deficit_tfs`` and ``identity_error`` =
-    |gap - (advantage_sfs + deficit_tfs)| (float rounding only).
-    """
-    student_risk = np.asarray(student_risk, dtype=np.float64)
-    teacher_risk = np.asarray(teacher_risk, dtype=np.float64)
-    sfs = np.asarray(sfs, dtype=bool)
-    if len(student_risk) == 0:
-        raise DataError("decompose_gap: no samples")
-    delta = student_risk - teacher_risk
-    share_sfs = float(sfs.mean())
-    sfs_mean = float(delta[sfs].mean()) if sfs.any() else None
-    tfs_mean = float(delta[~sfs].mean()) if (~sfs).any() else None
-    advantage = share_sfs * sfs_mean if sfs_mean is not None else 0.0
-    deficit = (1.0 - share_sfs) * tfs_mean if tfs_mean is not None else 0.0
-    gap = float(delta.mean())
-    return {"student": float(student_risk.mean()), "teacher": float(teacher_risk.mean()), "gap": gap,
-            "sfs_share": share_sfs, "sfs_mean_delta": sfs_mean, "tfs_mean_delta": tfs_mean,
-            "advantage_sfs": advantage, "deficit_tfs": deficit,
-            "identity_error": abs(gap - (advantage + deficit))}
 
 
 def _aligned(samples: pd.DataFrame, stats: pd.DataFrame, what: str) -> pd.DataFrame:

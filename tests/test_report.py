@@ -1,10 +1,13 @@
 """The report stage on a fake results/{task}/ tree (no models): the paper-shaped table with the
-best student and the gaps to T* checked by hand, summary.csv, per-tag accuracy, schedules, the
-subdomain shares, valid PNGs, a self-contained HTML page, and honest "not run" / missing lists.
+best student, intervals, paired differences and the conclusion checked by hand, summary.csv,
+sfs_tfs.csv (the SFS/TFS outcome on the test split), per-tag accuracy, schedules, the subdomain
+shares, valid PNGs, a self-contained HTML page, honest "not run" / missing lists, replicated
+students, and the paper's Table 1 across two tasks.
 
 Eval jsons are built like ``evaluate.evaluate`` builds them: the predictions frame goes through
-``evaluate.summarise`` and ``json_safe``. The test split has four samples, gold A, B, C, D,
-tags x, x, y, y (demo task: linear-weighted kappa over the letter order).
+``evaluate.summarise`` and ``json_safe``, and is written as ``{name}.predictions.parquet`` with the
+per-row ``score``. The test split has four samples, gold A, B, C, D, tags x, x, y, y (demo task:
+linear-weighted kappa over the letter order).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import os
 import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
@@ -58,24 +62,37 @@ PREDICTIONS = {
 }
 
 
-def write_eval(root: Path, name: str, predictions: list[str]) -> None:
-    """eval/{name}.json in the format ``evaluate.evaluate`` writes (predictions -> summarise)."""
-    frame = pd.DataFrame({"sample_id": [f"demo-{i}" for i in range(4)], "tag": TAGS, "gold": GOLD,
-                          "prediction": predictions, "gold_logprob": [-0.5, -1.0, -1.5, -2.0],
-                          "gold_tokens": [2, 2, 2, 2], "malformed": [False] * 4})
-    summary = summarise(frame, "choice", LETTERS, "linear")
+# Gold log-likelihoods (two completion tokens per row): per-row mean NLL = -logprob / 2.
+#   T* (teacher-ckpt-2): NLL 1.0, 0.25, 0.25, 0.25; SFT student: 0.5, 0.5, 0.1, 1.0.
+#   By NLL the SFT student is ahead (SFS) on rows 0 and 2; T* on rows 1 and 3 (TFS).
+LOGPROBS = {"teacher-ckpt-2": [-2.0, -0.5, -0.5, -0.5], "student_sft": [-1.0, -1.0, -0.2, -2.0]}
+DEFAULT_LOGPROBS = [-0.5, -1.0, -1.5, -2.0]
+
+
+def write_eval(root: Path, name: str, predictions: list[str], task: str = "demo",
+               gold: list[str] = GOLD, weights: str = "linear") -> None:
+    """eval/{name}.json and .predictions.parquet as ``evaluate.evaluate`` writes them."""
+    frame = pd.DataFrame({"sample_id": [f"{task}-{i}" for i in range(len(gold))], "tag": TAGS[: len(gold)],
+                          "gold": gold, "prediction": predictions,
+                          "gold_logprob": LOGPROBS.get(name, DEFAULT_LOGPROBS)[: len(gold)],
+                          "gold_tokens": [2] * len(gold),
+                          "score": [float(g == p) for g, p in zip(gold, predictions, strict=True)],
+                          "malformed": [False] * len(gold)})
+    summary = summarise(frame, "choice", LETTERS, weights)
+    (root / "eval").mkdir(parents=True, exist_ok=True)
+    frame.drop(columns="malformed").to_parquet(root / "eval" / f"{name}.predictions.parquet")
     write_json(root / "eval" / f"{name}.json", json_safe({
-        "name": name, "model": f"results/demo/{name}", "task": "demo", "split": "test", "kind": "choice",
-        "n": len(frame), **summary, "kappa_weights": "linear", "categories": LETTERS,
+        "name": name, "model": f"results/{task}/{name}", "task": task, "split": "test", "kind": "choice",
+        "n": len(frame), **summary, "kappa_weights": weights, "categories": LETTERS,
         "malformed_outputs": 0, "seconds": 0.1, "samples_per_s": 40.0, "device": "cpu", "dtype": "float32"}))
 
 
-def write_checkpoints(root: Path) -> None:
+def write_checkpoints(root: Path, metric_name: str = "accuracy") -> None:
     """teacher/checkpoints.json as sft writes it: three checkpoints, T* = 2."""
     entries = [{"index": k, "path": f"ckpt-{k}", "step": 10 * k, "epoch": k / 3, "train_loss": 2.0 / k,
                 "val_loss": loss, "val_metric": metric, "best": k == 2}
                for k, loss, metric in ((1, 1.5, 0.40), (2, 1.0, 0.80), (3, 1.1, 0.75))]
-    write_json(root / "teacher" / "checkpoints.json", {"metric": "accuracy", "best_index": 2,
+    write_json(root / "teacher" / "checkpoints.json", {"metric": metric_name, "best_index": 2,
                                                        "checkpoints": entries})
 
 
@@ -172,12 +189,15 @@ def test_summary_csv_has_one_row_per_model_with_hand_computed_metrics_gaps_and_b
 def test_markdown_table_marks_best_student_and_lists_not_run_rows(built):
     _, root, result = built
     text = (root / "report.md").read_text(encoding="utf-8")
+    summary = pd.read_csv(root / "summary.csv").set_index("eval_name")
     table = text.split("## Results")[1].split("\n\n")[1].splitlines()
     cells = {row.split("|")[1].strip(): [c.strip() for c in row.split("|")[2:-1]] for row in table[2:]}
-    assert cells["**TD (best)**"] == ["**eval/td.json**", "**0.7500**", "**0.7778**", "**0.6667**",
-                                      "**-0.2500**", "**-0.2222**", "**-0.3333**"]
-    assert cells["Teacher (T* = ckpt-2)"] == ["eval/teacher-ckpt-2.json", "1.0000", "1.0000", "1.0000",
-                                              "—", "—", "—"]
+    # TD right on 3 of 4 rows: the resampled accuracy is Binomial(4, 3/4) / 4, whose 2.5% and
+    # 97.5% quantiles are 1/4 (P(X <= 0) = 0.004 < 0.025 <= P(X <= 1) = 0.051) and 1.
+    interval = lambda m: f"{summary.loc['td', m]:.3f} [{summary.loc['td', m + '_low']:.3f}, {summary.loc['td', m + '_high']:.3f}]"  # noqa: E731
+    assert cells["**TD (best)**"] == ["**eval/td.json**", "**0.750 [0.250, 1.000]**",
+                                      f"**{interval('kappa')}**", f"**{interval('macro_f1')}**"]
+    assert cells["Teacher (T* = ckpt-2)"] == ["eval/teacher-ckpt-2.json", *["1.000 [1.000, 1.000]"] * 3]
     assert cells["CD"][1:4] == ["not run"] * 3
     assert cells["TAID"][1:4] == ["not run"] * 3
     assert sum("best" in label for label in cells) == 1
@@ -189,16 +209,92 @@ def test_markdown_table_marks_best_student_and_lists_not_run_rows(built):
     assert result.missing_plots == []
 
 
+def test_intervals_paired_differences_and_the_conclusion(built):
+    """Per-row accuracy differences (row - reference) on the four test rows:
+    student_base - T* = (0, -1, -1, -1): only a resample of row 0 alone (p = 1/256 < 2.5%) reaches 0,
+    so the interval excludes 0: resolved. TD - T* = (0, 0, 0, -1): 0 when row 3 is not drawn
+    (p = 0.32): not resolved. SCD - TD = 0 on every row: [0, 0], not resolved."""
+    _, root, _ = built
+    summary = pd.read_csv(root / "summary.csv").set_index("eval_name")
+    assert (summary.loc["td", "accuracy_low"], summary.loc["td", "accuracy_high"]) == (0.25, 1.0)
+    assert summary.loc["student_base", "delta_accuracy_vs_teacher"] == pytest.approx(-0.75)
+    assert summary.loc["student_base", "delta_accuracy_vs_teacher_high"] == pytest.approx(-0.25)
+    assert bool(summary.loc["student_base", "delta_accuracy_vs_teacher_resolved"]) is True
+    assert summary.loc["td", "delta_accuracy_vs_teacher"] == pytest.approx(-0.25)
+    assert summary.loc["td", "delta_accuracy_vs_teacher_high"] == 0.0
+    assert bool(summary.loc["td", "delta_accuracy_vs_teacher_resolved"]) is False
+    assert summary.loc["td", "delta_accuracy_vs_sft"] == pytest.approx(0.25)   # (0, +1, 0, 0)
+    assert (summary.loc["scd", "delta_accuracy_vs_td"], summary.loc["scd", "delta_accuracy_vs_td_low"],
+            summary.loc["scd", "delta_accuracy_vs_td_high"]) == (0.0, 0.0, 0.0)
+    assert math.isnan(summary.loc["td", "delta_accuracy_vs_td"])               # not against itself
+    assert math.isnan(summary.loc["student_base", "delta_accuracy_vs_td"])     # TD only for distilled
+    text = (root / "report.md").read_text(encoding="utf-8")
+    accuracy = text.split("## Differences")[1].split("### Kappa")[0]
+    rows = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]]
+            for r in accuracy.splitlines() if r.startswith("| ")}
+    assert rows["student_base"][0] == "-0.750 [-1.000, -0.250]*"
+    assert rows["TD"][0].startswith("-0.250 [") and not rows["TD"][0].endswith("*")
+    assert rows["SCD"] == [rows["SCD"][0], rows["SCD"][1], "+0.000 [+0.000, +0.000]"]
+    # 14 accuracy comparisons: SFT vs T*; TD vs T*, SFT; SCD, SCD+AW, TD+PACED vs T*, SFT, TD;
+    # student_base vs T*, SFT. One is resolved.
+    conclusion = ("At n = 4 test rows and 1 seed per distilled method, the table can conclude only the 1 "
+                  "of 14 Accuracy differences whose 95% interval excludes 0 (marked *): student_base below "
+                  "T* (-0.750); it cannot rank the other pairs")
+    assert conclusion in text
+    assert conclusion in (root / "report.html").read_text(encoding="utf-8")
+    resolution = text.split("## Resolution")[1].split("##")[0]
+    assert "from n ≥" in resolution and "this test set has n = 4" in resolution
+    assert "unknown with one seed per method" in resolution
+
+
+def test_sfs_tfs_outcome_of_every_model_on_the_test_split(built):
+    """By NLL, SFS = rows 0 and 2 (SFT student 0.5 < T* 1.0; 0.1 < 0.25), TFS = rows 1 and 3.
+    TD - T* in score = (0, 0, 0, -1): SFS part (0 + 0) / 4 = 0, TFS part (0 - 1) / 4 = -0.25;
+    TD scores 1 on SFS, 0.5 on TFS. SCD+AW - T* = (0, -1, -1, 0): SFS part -1/4, TFS part -1/4.
+    In NLL, TD (0.25, 0.5, 0.75, 1.0) - T* (1.0, 0.25, 0.25, 0.25) = (-0.75, 0.25, 0.5, 0.75):
+    SFS part (-0.75 + 0.5) / 4 = -0.0625, TFS part (0.25 + 0.75) / 4 = 0.25."""
+    _, root, _ = built
+    outcome = pd.read_csv(root / "sfs_tfs.csv")
+    point = outcome.set_index(["eval_name", "partition", "tag", "quantity", "part"])["estimate"]
+    assert point["td", "nll", "all", "score", "advantage_sfs"] == pytest.approx(0.0)
+    assert point["td", "nll", "all", "score", "deficit_tfs"] == pytest.approx(-0.25)
+    assert point["td", "nll", "all", "score", "gap"] == pytest.approx(-0.25)
+    assert point["td", "nll", "all", "score", "score_sfs"] == pytest.approx(1.0)
+    assert point["td", "nll", "all", "score", "score_tfs"] == pytest.approx(0.5)
+    assert point["scd_aw", "nll", "all", "score", "advantage_sfs"] == pytest.approx(-0.25)
+    assert point["scd_aw", "nll", "all", "score", "deficit_tfs"] == pytest.approx(-0.25)
+    assert point["td", "nll", "all", "nll", "advantage_sfs"] == pytest.approx(-0.0625)
+    assert point["td", "nll", "all", "nll", "deficit_tfs"] == pytest.approx(0.25)
+    # Per tag x (rows 0 = SFS, 1 = TFS): SCD+AW's d = (0, -1) over 2 rows -> 0 + -0.5.
+    assert point["scd_aw", "nll", "x", "score", "deficit_tfs"] == pytest.approx(-0.5)
+    assert point["scd_aw", "nll", "x", "score", "advantage_sfs"] == pytest.approx(0.0)
+    # The identity holds for every model, partition, tag and quantity.
+    wide = outcome.pivot_table(index=["eval_name", "partition", "tag", "quantity"], columns="part",
+                               values="estimate")
+    assert np.allclose(wide["advantage_sfs"] + wide["deficit_tfs"], wide["gap"])
+    sizes = outcome.drop_duplicates(["partition", "tag"]).set_index(["partition", "tag"])
+    assert sizes.loc[("nll", "all"), ["sfs_rows", "tfs_rows"]].tolist() == [2, 2]
+    assert sizes.loc[("correct", "all"), ["sfs_rows", "tfs_rows"]].tolist() == [0, 4]  # T* never wrong
+    assert set(outcome["model"]) >= {"TD", "SCD+AW", "SFT student", "Teacher (T* = ckpt-2)"}
+    assert "ckpt-3" not in set(outcome["model"])  # non-best checkpoints are not report rows
+    text = (root / "report.md").read_text(encoding="utf-8")
+    section = text.split("## SFS / TFS outcome on the test split")[1].split("## Teacher checkpoints")[0]
+    assert "### By per-sample NLL: SFT student < T*" in section and "SFS: 2 rows, TFS: 2 rows" in section
+    td = next(r for r in section.splitlines() if r.startswith("| TD "))
+    assert [c.strip() for c in td.split("|")[2:4]] == ["1.000 [1.000, 1.000]", "0.500 [0.000, 1.000]"]
+
+
 def test_per_tag_accuracy_and_schedule_tables(built):
     _, root, _ = built
     text = (root / "report.md").read_text(encoding="utf-8")
     per_tag = text.split("## Per-tag Accuracy")[1].split("\n\n")[1].splitlines()
-    assert per_tag[0].split("|")[2:4] == [" x (n=2) ", " y (n=2) "]
+    assert [c.strip() for c in per_tag[0].split("|")[2:4]] == ["x (n=2)", "y (n=2)"]
     rows = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]] for r in per_tag[2:]}
-    assert rows["SFT student"] == ["0.5000", "0.5000"]   # A A | C C
-    assert rows["TD"] == ["1.0000", "0.5000"]            # A B | C C
-    assert rows["SCD+AW"] == ["0.5000", "0.5000"]        # A A | A D
-    assert "CD" not in rows                              # no evaluation, no per-tag numbers
+    # Two rows per tag, one right: the resampled mean is 0, 1/2 or 1 -> interval [0, 1].
+    assert rows["SFT student"] == ["0.500 [0.000, 1.000]"] * 2   # A A | C C
+    assert rows["TD"] == ["1.000 [1.000, 1.000]", "0.500 [0.000, 1.000]"]  # A B | C C
+    assert rows["SCD+AW"] == ["0.500 [0.000, 1.000]"] * 2        # A A | A D
+    assert "CD" not in rows                                      # no evaluation, no per-tag numbers
     # SCD: chosen checkpoint per phase = argmin of the sums above, with both terms shown.
     scd = text.split("### SCD: c*")[1].split("\n\n")[1].splitlines()
     phases = [[c.strip() for c in r.split("|")[1:-1]] for r in scd[2:]]
@@ -227,7 +323,7 @@ def test_every_plot_is_a_valid_png_and_embedded_in_self_contained_html(built):
 
     _, root, result = built
     names = sorted(p.name for p in (root / "plots").iterdir())
-    assert names == ["aw_histogram.png", "schedule_scd.png", "schedule_scd_aw.png",
+    assert names == ["aw_histogram.png", "results.png", "schedule_scd.png", "schedule_scd_aw.png",
                      "subdomain_shares.png", "teacher_checkpoints.png"]
     assert sorted(p.name for p in result.plots) == names
     for path in result.plots:
@@ -252,8 +348,8 @@ def test_missing_artifacts_are_listed_and_stale_plots_removed(tmp_path):
     result = build_report(config)
     assert list((root / "plots").iterdir()) == []
     assert [line.split(":")[0] for line in result.missing_plots] == [
-        "plots/teacher_checkpoints.png", "plots/schedule_scd.png", "plots/schedule_scd_aw.png",
-        "plots/subdomain_shares.png", "plots/aw_histogram.png"]
+        "plots/results.png", "plots/teacher_checkpoints.png", "plots/schedule_scd.png",
+        "plots/schedule_scd_aw.png", "plots/subdomain_shares.png", "plots/aw_histogram.png"]
     summary = pd.read_csv(root / "summary.csv")
     assert summary["status"].tolist() == ["not run", "ok", *["not run"] * 5]
     # No teacher: no gap, but the only evaluated student is still the best one.
@@ -307,7 +403,7 @@ def test_report_command(tmp_path):
     outcome = CliRunner().invoke(app, ["report", "--task", "demo", "--results-dir", config["results_dir"]])
     assert outcome.exit_code == 0, outcome.output
     assert f"wrote {root / 'report.md'}" in outcome.output
-    assert "5 plots" in outcome.output
+    assert "6 plots" in outcome.output
     assert "not run: CD: run `scd-pipeline evaluate" in outcome.output
     assert (root / "summary.csv").is_file() and (root / "report.html").is_file()
 
@@ -344,3 +440,122 @@ def test_best_student_ignores_teacher_and_other_rows_and_keeps_exact_ties():
     assert best_student_mask(frame, ["accuracy", "kappa"]).tolist() == [False, False, True, True, False]
     frame.loc[3, "kappa"] = float("nan")  # an undefined metric ranks lowest
     assert best_student_mask(frame, ["accuracy", "kappa"]).tolist() == [False, False, True, False, False]
+
+
+# --- replicates --------------------------------------------------------------------------------
+
+def test_replicated_students_show_mean_spread_and_missing_seeds(tmp_path):
+    """replicates: 2. TD seed 0 right on 3 of 4 rows, seed 1 on 4: mean 0.875, sd over seeds
+    sqrt(2 * 0.125^2 / 1) = 0.1768. SCD+AW has seed 0 only: its row uses that seed and the
+    missing seed is listed with the command that makes it."""
+    config = load_config(overrides={"results_dir": str(tmp_path / "results"), "task": "demo",
+                                    "replicates": 2, "distill.methods": ["td", "scd_aw"]})
+    root = tmp_path / "results" / "demo"
+    write_checkpoints(root)
+    for name, predictions in (("teacher-ckpt-2", GOLD), ("student_sft", ["A", "A", "C", "C"]),
+                              ("td@seed-0", ["A", "B", "C", "C"]), ("td@seed-1", GOLD),
+                              ("scd_aw@seed-0", ["A", "A", "A", "D"])):
+        write_eval(root, name, predictions)
+    result = build_report(config)
+    summary = pd.read_csv(root / "summary.csv").set_index("eval_name")
+    assert summary.loc["td", ["accuracy", "accuracy_min", "accuracy_max", "seeds"]].tolist() == [0.875, 0.75, 1.0, 2]
+    assert summary.loc["td", "accuracy_sd"] == pytest.approx(math.sqrt(2 * 0.125 ** 2))
+    assert summary.loc["scd_aw", ["accuracy", "seeds"]].tolist() == [0.5, 1]
+    assert summary.loc["student_sft", "seeds"] == 1
+    # The interval resamples rows and seeds: a resample drawing seed 0 twice can fall to 0.25.
+    assert summary.loc["td", "accuracy_low"] < 0.75 < 1.0 == summary.loc["td", "accuracy_high"]
+    text = (root / "report.md").read_text(encoding="utf-8")
+    table = text.split("## Results")[1].split("\n\n")[1].splitlines()
+    assert "Seeds: Accuracy sd (min–max)" in table[0]
+    td = next(r for r in table if r.startswith("| **TD (best)**"))
+    assert "**eval/td@seed-{0,1}.json**" in td and "**2: 0.1768 (0.750–1.000)**" in td
+    assert "Over 2 seeds a method's Accuracy varies with variance 0.03125" in text  # 2 * 0.125^2
+    assert "SCD+AW: seed-1: run `scd-pipeline distill --method scd_aw --name scd_aw/seed-1" in text
+    assert result.missing_evals == []
+    assert "results.png" in {p.name for p in result.plots}
+    # Read with replicates: 1 (e.g. by report --tasks with another task's config), the seed
+    # folders on disk still make TD a replicated row.
+    for seed in (0, 1):
+        (root / "students" / "td" / f"seed-{seed}").mkdir(parents=True)
+    build_report({**config, "replicates": 1})
+    summary = pd.read_csv(root / "summary.csv").set_index("eval_name")
+    assert summary.loc["td", ["accuracy", "seeds"]].tolist() == [0.875, 2]
+
+
+# --- the paper's Table 1 across tasks ----------------------------------------------------------
+
+def test_multitask_table_in_the_paper_shape(tmp_path):
+    """Each task's column is the metric its T* was chosen by: demo accuracy, smdis macro-F1.
+    demo: T* 1.0, SFT 0.5, TD 0.75, SCD+AW 0.5 (TAID not run). smdis (gold A B A B), macro-F1 =
+    mean over A and B of 2TP / (2TP + FP + FN): T* (A B A A) (4/5 + 2/3) / 2 = 11/15; SFT (A A A A)
+    (2/3 + 0) / 2 = 1/3; TD (A B B A) (1/2 + 1/2) / 2 = 1/2; TAID (B A A A) (2/5 + 0) / 2 = 1/5;
+    SCD+AW 1. Averages: T* 13/15, SFT 5/12, TD 5/8, SCD+AW 3/4; TAID has no demo result, so no
+    average. Best student per column: TD (demo), SCD+AW (smdis and the average); the teacher
+    never competes."""
+    config = load_config(overrides={"results_dir": str(tmp_path / "results"),
+                                    "distill.methods": ["td", "taid", "scd_aw"]})
+    demo, smdis = tmp_path / "results" / "demo", tmp_path / "results" / "smdis"
+    write_checkpoints(demo)
+    write_checkpoints(smdis, "macro_f1")
+    for name, predictions in (("teacher-ckpt-2", GOLD), ("student_sft", ["A", "A", "C", "C"]),
+                              ("td", ["A", "B", "C", "C"]), ("scd_aw", ["A", "A", "A", "D"])):
+        write_eval(demo, name, predictions)
+    binary = ["A", "B", "A", "B"]
+    for name, predictions in (("teacher-ckpt-2", ["A", "B", "A", "A"]), ("student_sft", ["A", "A", "A", "A"]),
+                              ("td", ["A", "B", "B", "A"]), ("taid", ["B", "A", "A", "A"]),
+                              ("scd_aw", binary)):
+        write_eval(smdis, name, predictions, task="smdis", gold=binary, weights="none")
+    outcome = CliRunner().invoke(app, ["report", "--tasks", "demo,smdis", "--set",
+                                       f"results_dir={config['results_dir']}", "--set",
+                                       "distill.methods=[td, taid, scd_aw]"])
+    assert outcome.exit_code == 0, outcome.output
+    out = tmp_path / "results" / "tasks-demo+smdis"
+    assert f"wrote {out / 'report.md'}" in outcome.output
+    assert "not run: demo: TAID" in outcome.output
+    table = pd.read_csv(out / "summary.csv").set_index("model")
+    assert table.index.tolist() == ["Teacher (T*)", "SFT student", "TD", "TAID", "SCD+AW"]
+    assert table["demo"].tolist()[:3] == [1.0, 0.5, 0.75] and math.isnan(table.loc["TAID", "demo"])
+    assert table["smdis"].tolist() == pytest.approx([11 / 15, 1 / 3, 1 / 2, 1 / 5, 1.0])
+    assert table.loc[["Teacher (T*)", "SFT student", "TD", "SCD+AW"], "average"].tolist() == pytest.approx(
+        [13 / 15, 5 / 12, 5 / 8, 3 / 4])
+    assert math.isnan(table.loc["TAID", "average"])
+    assert table.index[table["demo_best"]].tolist() == ["TD"]
+    assert table.index[table["smdis_best"]].tolist() == ["SCD+AW"]
+    assert table.index[table["average_best"]].tolist() == ["SCD+AW"]
+    assert (table["smdis_low"] <= table["smdis"]).all() and (table["smdis"] <= table["smdis_high"]).all()
+    assert table.loc["TD", "average_low"] <= 0.625 <= table.loc["TD", "average_high"]
+    assert (table["demo_metric"].unique().tolist(), table["smdis_metric"].unique().tolist()) == (
+        ["accuracy"], ["macro_f1"])
+    text = (out / "report.md").read_text(encoding="utf-8")
+    header = next(line for line in text.splitlines() if line.startswith("| Model"))
+    assert [c.strip() for c in header.split("|")[1:-1]] == ["Model", "demo (Accuracy)", "smdis (Macro-F1)", "Average"]
+    scd_aw = next(line for line in text.splitlines() if line.startswith("| SCD+AW"))
+    assert [c.strip().startswith("**") for c in scd_aw.split("|")[2:-1]] == [False, True, True]
+    taid = next(line for line in text.splitlines() if line.startswith("| TAID"))
+    assert [c.strip() for c in taid.split("|")[2:-1]][0::2] == ["not run", "not run"]
+    assert '<td><b>' in (out / "report.html").read_text(encoding="utf-8")
+
+
+def test_report_tasks_option_refuses_an_empty_list_in_one_line(tmp_path):
+    outcome = CliRunner().invoke(app, ["report", "--tasks", " , ", "--results-dir", str(tmp_path)])
+    assert outcome.exit_code == 2
+    assert outcome.output.strip() == "error: --tasks ' , ': name at least one task, e.g. --tasks demo,smdis"
+    outcome = CliRunner().invoke(app, ["report", "--tasks", "demo,smids", "--results-dir", str(tmp_path)])
+    assert outcome.exit_code == 2
+    assert outcome.output.startswith("error: config key tasks.1: 'smids' is not one of [")
+
+
+def test_evaluation_without_predictions_keeps_its_numbers_and_says_why_it_has_no_interval(tmp_path):
+    config = load_config(overrides={"results_dir": str(tmp_path / "results"), "distill.methods": ["td"]})
+    root = tmp_path / "results" / "demo"
+    write_checkpoints(root)
+    for name, predictions in (("teacher-ckpt-2", GOLD), ("student_sft", ["A", "A", "C", "C"]),
+                              ("td", ["A", "B", "C", "C"])):
+        write_eval(root, name, predictions)
+    (root / "eval" / "td.predictions.parquet").unlink()  # evaluated before predictions were kept
+    build_report(config)
+    summary = pd.read_csv(root / "summary.csv").set_index("eval_name")
+    assert summary.loc["td", "accuracy"] == 0.75 and math.isnan(summary.loc["td", "accuracy_low"])
+    assert summary.loc["student_sft", "accuracy_low"] == 0.0  # the others still have intervals
+    missing = (root / "report.md").read_text(encoding="utf-8").split("## What is missing")[1]
+    assert f"TD: no intervals: {root / 'eval' / 'td.predictions.parquet'} not found" in missing

@@ -17,9 +17,9 @@ from scd_pipeline.batching import read_split
 from scd_pipeline.cli import app
 from scd_pipeline.models import load_model
 from scd_pipeline.scoring import predict_split
+from scd_pipeline.stats import decompose_gap
 from scd_pipeline.subdomains import (
     checkpoint_kl_matrix,
-    decompose_gap,
     probe_sample_ids,
     subdomain_table,
     summarize_subdomains,

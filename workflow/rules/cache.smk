@@ -12,6 +12,7 @@ rule cache_logits:
         cache=TASK_DIR + "/logits/ckpt-{k}.parquet",
         meta=TASK_DIR + "/logits/ckpt-{k}.meta.json",
     params:
+        task=TASK,
         settings=settings("cache"),
     conda:
         CONDA_ENV
@@ -26,7 +27,7 @@ rule cache_logits:
         gpu=GPUS,
     shell:
         "OMP_NUM_THREADS={threads} {SCD} cache-logits --checkpoint {wildcards.k} "
-        "--config {CONFIG_FILE} > {log} 2>&1"
+        "--task {params.task} --config {CONFIG_FILE} > {log} 2>&1"
 
 
 rule estimate_subdomains:
@@ -38,6 +39,7 @@ rule estimate_subdomains:
         table=TASK_DIR + "/subdomains.parquet",
         summary=TASK_DIR + "/subdomains.json",
     params:
+        task=TASK,
         settings=settings("subdomains", "cache"),
     conda:
         CONDA_ENV
@@ -51,4 +53,4 @@ rule estimate_subdomains:
         runtime=60,
         gpu=GPUS,
     shell:
-        "OMP_NUM_THREADS={threads} {SCD} estimate-subdomains --config {CONFIG_FILE} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} {SCD} estimate-subdomains --task {params.task} --config {CONFIG_FILE} > {log} 2>&1"

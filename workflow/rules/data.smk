@@ -11,6 +11,7 @@ rule prepare_data:
     output:
         DATA_FILES,
     params:
+        task=TASK,
         settings=settings("task", "seed", "data"),
     conda:
         CONDA_ENV
@@ -23,4 +24,4 @@ rule prepare_data:
         mem_mb=4000,
         runtime=20,
     shell:
-        "{SCD} prepare-data --config {CONFIG_FILE} --tokenizer {input} > {log} 2>&1"
+        "{SCD} prepare-data --task {params.task} --config {CONFIG_FILE} --tokenizer {input} > {log} 2>&1"

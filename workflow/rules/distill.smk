@@ -1,6 +1,20 @@
-# Stage: one distilled student per configured method (teacher signal from the caches only).
+# Stage: one distilled student per configured method (teacher signal from the caches only); with
+# `replicates: N` > 1, N per method (students/{method}/seed-{s}, seed = config seed + s), one job each.
+
+from scd_pipeline.naming import replicate_student_name
 
 METHODS = config["distill"]["methods"]
+REPLICATES = config["replicates"]
+# students/{name} -> (method, distillation seed). Teacher SFT, student SFT and caches are shared.
+STUDENTS = (
+    {method: (method, config["seed"]) for method in METHODS}
+    if REPLICATES == 1
+    else {
+        replicate_student_name(method, s): (method, config["seed"] + s)
+        for method in METHODS
+        for s in range(REPLICATES)
+    }
+)
 
 
 def distill_init(wildcards):
@@ -17,22 +31,25 @@ rule distill:
         TASK_DIR + "/teacher/checkpoints.json",
         distill_init,
     output:
-        directory(TASK_DIR + "/students/{method}"),
+        directory(TASK_DIR + "/students/{student}"),
     wildcard_constraints:
-        method="|".join(re.escape(m) for m in METHODS),
+        student="|".join(re.escape(name) for name in STUDENTS),
     params:
+        task=TASK,
         settings=settings("seed", "distill", "subdomains", "cache.temperature"),
+        method=lambda wildcards: STUDENTS[wildcards.student][0],
+        seed=lambda wildcards: STUDENTS[wildcards.student][1],
     conda:
         CONDA_ENV
     log:
-        TASK_DIR + "/logs/distill_{method}.log",
+        TASK_DIR + "/logs/distill_{student}.log",
     benchmark:
-        TASK_DIR + "/benchmarks/distill_{method}.tsv"
+        TASK_DIR + "/benchmarks/distill_{student}.tsv"
     threads: 4
     resources:
         mem_mb=16000,
         runtime=480,
         gpu=GPUS,
     shell:
-        "OMP_NUM_THREADS={threads} {SCD} distill --method '{wildcards.method}' --name '{wildcards.method}' "
-        "--config {CONFIG_FILE} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} {SCD} distill --method '{params.method}' --name '{wildcards.student}' "
+        "--task {params.task} --config {CONFIG_FILE} --set seed={params.seed} > {log} 2>&1"

@@ -1,10 +1,19 @@
 # Stage: evaluate the base teacher, every teacher checkpoint, the SFT student and every
-# distilled student; then the report.
+# distilled student (every replicate); then the report (and, with `tasks`, the multi-task table).
 
-from scd_pipeline.naming import default_eval_name
+from scd_pipeline.naming import default_eval_name, multitask_report_files, replicate_eval_name
 
-# Evaluation name -> distilled student (names as `scd-pipeline evaluate` and the report derive them).
-STUDENT_OF_EVAL = {default_eval_name(f"students/{method}"): method for method in METHODS}
+# Evaluation name -> distilled student folder under students/ (names as `scd-pipeline evaluate`
+# and the report derive them; replicates get `{method}@seed-{s}`, passed with --name).
+STUDENT_OF_EVAL = (
+    {default_eval_name(f"students/{method}"): method for method in METHODS}
+    if REPLICATES == 1
+    else {
+        replicate_eval_name(method, s): replicate_student_name(method, s)
+        for method in METHODS
+        for s in range(REPLICATES)
+    }
+)
 EVAL_NAMES = (
     ["teacher_base", "student_sft"]
     + [f"teacher-ckpt-{k}" for k in CHECKPOINTS]
@@ -33,6 +42,7 @@ rule evaluate:
     wildcard_constraints:
         name="|".join(re.escape(n) for n in EVAL_NAMES),
     params:
+        task=TASK,
         settings=settings("evaluate"),
     conda:
         CONDA_ENV
@@ -47,22 +57,40 @@ rule evaluate:
         gpu=GPUS,
     shell:
         "OMP_NUM_THREADS={threads} {SCD} evaluate --model {input.model} --name '{wildcards.name}' "
-        "--config {CONFIG_FILE} > {log} 2>&1"
+        "--task {params.task} --config {CONFIG_FILE} > {log} 2>&1"
 
 
-REPORT_FILES = [TASK_DIR + "/report.md", TASK_DIR + "/report.html", TASK_DIR + "/summary.csv"]
+REPORT_FILES = [
+    TASK_DIR + "/report.md",
+    TASK_DIR + "/report.html",
+    TASK_DIR + "/summary.csv",
+    TASK_DIR + "/sfs_tfs.csv",
+    TASK_DIR + "/plots",
+]
+REPORT_CATEGORY = f"task {TASK}"
 
 
 rule report:
     input:
         expand(TASK_DIR + "/eval/{name}.json", name=EVAL_NAMES),
+        expand(TASK_DIR + "/eval/{name}.predictions.parquet", name=EVAL_NAMES),
         TASK_DIR + "/subdomains.json",
         TASK_DIR + "/teacher/checkpoints.json",
-        expand(TASK_DIR + "/students/{method}", method=METHODS),
+        expand(TASK_DIR + "/students/{student}", student=STUDENTS),
     output:
-        REPORT_FILES,
+        markdown=TASK_DIR + "/report.md",
+        html=report(TASK_DIR + "/report.html", category=REPORT_CATEGORY, labels={"file": "report"}),
+        summary=report(TASK_DIR + "/summary.csv", category=REPORT_CATEGORY, labels={"file": "summary.csv"}),
+        outcome=report(TASK_DIR + "/sfs_tfs.csv", category=REPORT_CATEGORY, labels={"file": "sfs_tfs.csv"}),
+        plots=report(
+            directory(TASK_DIR + "/plots"),
+            patterns=["{plot}.png"],
+            category=REPORT_CATEGORY,
+            labels={"plot": "{plot}"},
+        ),
     params:
-        settings=settings("distill.methods"),
+        task=TASK,
+        settings=settings("distill.methods", "replicates", "report"),
     conda:
         CONDA_ENV
     log:
@@ -74,4 +102,33 @@ rule report:
         mem_mb=2000,
         runtime=10,
     shell:
-        "{SCD} report --config {CONFIG_FILE} > {log} 2>&1"
+        "{SCD} report --task {params.task} --config {CONFIG_FILE} > {log} 2>&1"
+
+
+# With `tasks: [a, b, ...]` every task is a module of this file; the first one also writes the
+# table across tasks (the paper's Table 1 shape) from every task's evaluations.
+if config["tasks"] and TASK == config["tasks"][0]:
+    MULTITASK_OUTPUTS = multitask_report_files(RESULTS, config["tasks"])
+
+    rule multitask_report:
+        input:
+            expand(RESULTS + "/{task}/summary.csv", task=config["tasks"]),
+        output:
+            markdown=MULTITASK_OUTPUTS[0],
+            html=report(MULTITASK_OUTPUTS[1], category="all tasks", labels={"file": "multi-task report"}),
+            summary=report(MULTITASK_OUTPUTS[2], category="all tasks", labels={"file": "multi-task table"}),
+        params:
+            tasks=",".join(config["tasks"]),
+            settings=settings("tasks", "distill.methods", "replicates", "report"),
+        conda:
+            CONDA_ENV
+        log:
+            RESULTS + "/logs/multitask_report.log",
+        benchmark:
+            RESULTS + "/benchmarks/multitask_report.tsv"
+        threads: 1
+        resources:
+            mem_mb=2000,
+            runtime=10,
+        shell:
+            "{SCD} report --tasks {params.tasks} --config {CONFIG_FILE} > {log} 2>&1"

@@ -12,6 +12,7 @@ rule sft_teacher:
         ckpts=[directory(path) for path in TEACHER_CKPTS],
         index=TASK_DIR + "/teacher/checkpoints.json",
     params:
+        task=TASK,
         settings=settings("seed", "sft"),
     conda:
         CONDA_ENV
@@ -25,7 +26,7 @@ rule sft_teacher:
         runtime=480,
         gpu=GPUS,
     shell:
-        "OMP_NUM_THREADS={threads} {SCD} sft --role teacher --config {CONFIG_FILE} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} {SCD} sft --role teacher --task {params.task} --config {CONFIG_FILE} > {log} 2>&1"
 
 
 rule sft_student:
@@ -35,6 +36,7 @@ rule sft_student:
     output:
         directory(TASK_DIR + "/student_sft"),
     params:
+        task=TASK,
         settings=settings("seed", "sft"),
     conda:
         CONDA_ENV
@@ -48,4 +50,4 @@ rule sft_student:
         runtime=480,
         gpu=GPUS,
     shell:
-        "OMP_NUM_THREADS={threads} {SCD} sft --role student --config {CONFIG_FILE} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} {SCD} sft --role student --task {params.task} --config {CONFIG_FILE} > {log} 2>&1"

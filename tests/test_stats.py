@@ -1,0 +1,163 @@
+"""Paired bootstrap, seed resampling, the SFS/TFS outcome identity and the power formulas, each on a
+case whose answer is known by hand (scd_pipeline.stats)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from scd_pipeline.metrics import cohen_kappa, macro_f1
+from scd_pipeline.stats import (
+    PairedBootstrap,
+    SampleScores,
+    accuracy_row_variance,
+    bootstrap_seed,
+    confusion_counts,
+    difference,
+    kappa_from_confusion,
+    macro_f1_from_confusion,
+    metric_evidence,
+    required_replicates,
+    required_test_size,
+    resample_counts,
+    sfs_outcome,
+)
+from scd_pipeline.subdomains import decompose_gap
+
+N_ROWS = 100
+
+
+def pair_differing_on(m: int) -> tuple[SampleScores, SampleScores]:
+    """Two models on 100 rows, both right on rows m..59, both wrong on rows 60..99; on rows 0..m-1
+    only A is right. So acc(A) - acc(B) = m/100 and every resample's difference is
+    (times rows 0..m-1 were drawn) / 100 ~ Binomial(100, m/100) / 100."""
+    a = np.zeros(N_ROWS)
+    b = np.zeros(N_ROWS)
+    a[:60] = 1.0
+    b[m:60] = 1.0
+    return SampleScores({"accuracy": a[:, None]}), SampleScores({"accuracy": b[:, None]})
+
+
+def binomial_quantile(q: float, n: int, p: float) -> int:
+    """Smallest k with P(Binomial(n, p) <= k) >= q."""
+    total = 0.0
+    for k in range(n + 1):
+        total += math.comb(n, k) * p ** k * (1 - p) ** (n - k)
+        if total >= q:
+            return k
+    return n
+
+
+def test_resample_counts_draw_n_rows_per_resample_reproducibly():
+    counts = resample_counts(7, 50, np.random.default_rng([0, 1]))
+    assert counts.shape == (50, 7) and (counts.sum(axis=1) == 7).all()
+    assert np.array_equal(counts, resample_counts(7, 50, np.random.default_rng([0, 1])))
+    assert bootstrap_seed(0, "demo") != bootstrap_seed(0, "smdis")
+
+
+@pytest.mark.parametrize("m", [3, 4, 8])
+def test_difference_of_a_pair_differing_on_m_rows_follows_the_binomial(m):
+    bootstrap = PairedBootstrap(N_ROWS, 20000, [0, 7])
+    a, b = pair_differing_on(m)
+    ea, eb = metric_evidence(bootstrap, a, "accuracy"), metric_evidence(bootstrap, b, "accuracy")
+    interval = difference(bootstrap, ea, eb)
+    p = m / N_ROWS
+    assert interval.estimate == pytest.approx(p)
+    # The interval's bounds are the binomial's 2.5% and 97.5% quantiles (divided by n).
+    assert interval.low == pytest.approx(binomial_quantile(0.025, N_ROWS, p) / N_ROWS, abs=1 / N_ROWS)
+    assert interval.high == pytest.approx(binomial_quantile(0.975, N_ROWS, p) / N_ROWS, abs=1 / N_ROWS)
+    # Its spread is the binomial's, sqrt(p (1 - p) / n): the shared rows cancel (paired). Unpaired
+    # resamples of two models near accuracy 0.6 would spread about sqrt(2 * 0.24 / 100) = 0.069.
+    assert np.std(ea.draws - eb.draws) == pytest.approx(math.sqrt(p * (1 - p) / N_ROWS), rel=0.03)
+
+
+def test_three_of_a_hundred_rows_is_not_resolved_four_is():
+    """P(none of the m rows drawn) = (1 - m/100)^100: 0.048 for m = 3 (> 2.5%, so the 95% interval
+    reaches 0), 0.017 for m = 4 (< 2.5%: it excludes 0). The report's default 2000 resamples."""
+    bootstrap = PairedBootstrap(N_ROWS, 2000, bootstrap_seed(0, "demo"))
+    for m, resolved in ((3, False), (4, True)):
+        a, b = pair_differing_on(m)
+        interval = difference(bootstrap, metric_evidence(bootstrap, a, "accuracy"),
+                              metric_evidence(bootstrap, b, "accuracy"))
+        assert interval.excludes_zero is resolved, (m, interval)
+        assert interval.low == (0.0 if m == 3 else pytest.approx(0.01, abs=0.011))
+
+
+def test_kappa_and_macro_f1_on_resampled_confusions_equal_the_metric_functions():
+    rng = np.random.default_rng(3)
+    letters = ["A", "B", "C", "D"]
+    gold = rng.integers(0, 4, 40)
+    pred = np.where(rng.random(40) < 0.6, gold, rng.integers(0, 4, 40))
+    counts = resample_counts(40, 25, rng)
+    confusion = confusion_counts(counts, gold, pred, 4)
+    kappa = kappa_from_confusion(confusion, "linear")
+    plain = kappa_from_confusion(confusion, "none")
+    f1 = macro_f1_from_confusion(confusion)
+    for b in range(25):
+        rows = np.repeat(np.arange(40), counts[b].astype(int))
+        g, p = [letters[i] for i in gold[rows]], [letters[i] for i in pred[rows]]
+        assert kappa[b] == pytest.approx(cohen_kappa(g, p, letters, "linear"))
+        assert plain[b] == pytest.approx(cohen_kappa(g, p, letters, "none"))
+        assert f1[b] == pytest.approx(macro_f1(g, p))
+    # A resample where both sides always say one label: no chance disagreement, kappa 1.
+    single = np.zeros((1, 4, 4))
+    single[0, 2, 2] = 10
+    assert kappa_from_confusion(single, "linear")[0] == 1.0
+
+
+def test_seed_resampling_adds_the_spread_over_seeds():
+    """Seed 0 is right on every row, seed 1 wrong on every row: the rows carry no variance, the
+    seeds all of it. The estimate is the mean 0.5; the resampled mean over two drawn seeds is 0,
+    0.5 or 1 with probabilities 1/4, 1/2, 1/4, so the 95% interval is [0, 1]."""
+    bootstrap = PairedBootstrap(20, 4000, [0, 1])
+    scores = SampleScores({"accuracy": np.stack([np.ones(20), np.zeros(20)], axis=1)})
+    evidence = metric_evidence(bootstrap, scores, "accuracy")
+    assert evidence.estimate == 0.5
+    assert (evidence.interval.low, evidence.interval.high) == (0.0, 1.0)
+    assert np.mean(evidence.draws == 0.5) == pytest.approx(0.5, abs=0.03)
+    assert evidence.spread == {"sd": pytest.approx(math.sqrt(0.5)), "min": 0.0, "max": 1.0}
+    one_seed = metric_evidence(bootstrap, SampleScores({"accuracy": np.ones((20, 1))}), "accuracy")
+    assert (one_seed.interval.low, one_seed.interval.high) == (1.0, 1.0)
+    assert math.isnan(one_seed.spread["sd"])
+
+
+def test_sfs_outcome_adds_up_on_a_hand_case_and_on_every_resample():
+    """Six rows, SFS = rows 0-2. Model - T* per row: +1, 0, +1 | -1, -1, 0.
+    advantage(SFS) = (1 + 0 + 1) / 6 = 1/3; deficit(TFS) = (-1 - 1 + 0) / 6 = -1/3; gap 0.
+    Model's score on SFS: (1 + 1 + 1) / 3 = 1; on TFS: (0 + 0 + 1) / 3 = 1/3."""
+    model = np.array([1, 1, 1, 0, 0, 1], dtype=float)[:, None]
+    teacher = np.array([0, 1, 0, 1, 1, 1], dtype=float)
+    sfs = np.array([True, True, True, False, False, False])
+    bootstrap = PairedBootstrap(6, 3000, [0, 2])
+    parts = sfs_outcome(bootstrap, model, teacher, sfs)
+    assert parts["advantage_sfs"].estimate == pytest.approx(1 / 3)
+    assert parts["deficit_tfs"].estimate == pytest.approx(-1 / 3)
+    assert parts["gap"].estimate == pytest.approx(0.0)
+    assert parts["score_sfs"].estimate == pytest.approx(1.0)
+    assert parts["score_tfs"].estimate == pytest.approx(1 / 3)
+    reference = decompose_gap(model[:, 0], teacher, sfs)
+    assert (parts["advantage_sfs"].estimate, parts["deficit_tfs"].estimate) == pytest.approx(
+        (reference["advantage_sfs"], reference["deficit_tfs"]))
+    # The advantage can only be >= 0 here (every SFS row has d >= 0), the deficit <= 0.
+    assert parts["advantage_sfs"].low >= 0 and parts["deficit_tfs"].high <= 0
+
+
+def test_required_test_size_and_seeds_by_hand():
+    """z = z_0.975 + z_0.8 = 1.959964 + 0.841621 = 2.801585, z^2 = 7.848880.
+    Discordance 10%, delta 0.03: var = 0.10 - 0.0009 = 0.0991; n = 7.84888 * 0.0991 / 0.0009 =
+    864.25 -> 865. Discordance 16%: 0.1591 -> 1387.5 -> 1388.
+    Seeds: row var 0.05 at n = 2000 leaves (0.03 / z)^2 - 0.05 / 2000 = 8.9666e-5 for 2 s^2 / R;
+    s^2 = 0.0004 -> R = 8.92 -> 9. At n = 100 the rows alone use more than the budget: None."""
+    assert accuracy_row_variance(0.10, 0.03) == pytest.approx(0.0991)
+    assert required_test_size(0.03, accuracy_row_variance(0.10, 0.03)) == 865
+    assert required_test_size(0.03, accuracy_row_variance(0.16, 0.03)) == 1388
+    assert required_replicates(0.03, 0.05, 0.0004, n=2000) == 9
+    assert required_replicates(0.03, 0.05, 0.0004, n=100) is None
+    assert required_replicates(0.03, 0.05, 0.0, n=2000) == 1
+    # At power 0.5 the required n puts the interval's half-width at delta.
+    n = required_test_size(0.03, 0.0991, power=0.5)
+    assert 1.959964 * math.sqrt(0.0991 / n) == pytest.approx(0.03, rel=0.002)
+    with pytest.raises(ValueError, match="discordance"):
+        accuracy_row_variance(0.01, 0.03)

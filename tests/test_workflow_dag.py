@@ -1,0 +1,97 @@
+"""The static DAG (``snakemake -n``, nothing runs): replicates fan distillation and evaluation out
+over seeds while teacher SFT and the caches stay shared; ``tasks=[a,b]`` plans every task's
+pipeline once, the base models once and one table across tasks; one task keeps its rule names.
+Also the '/'-separated student names that replicates need."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+
+from scd_pipeline.config import load_config
+from scd_pipeline.distill import distill_paths
+from scd_pipeline.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
+TINY = {
+    "task": "demo",
+    "data": {"demo": {"n_examples": 40, "test_size": 8}, "max_train_samples": 24},
+    "models": {"teacher": {"source": "tiny:llama"}, "student": {"keep_every": 2}},
+    "sft": {"teacher": {"n_checkpoints": 2, "epochs": 1}, "student": {"epochs": 1}},
+    "distill": {"methods": ["td", "scd_aw"], "phases": 2},
+}
+
+
+def dry_run(tmp_path: Path, *config: str) -> tuple[Counter, list[str]]:
+    """Jobs per rule and the shell commands of a dry run in a fresh working directory."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    command = [SNAKEMAKE, "-n", "-p", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path / "work"),
+               "--configfile", str(REPO / "config.yaml"), str(tmp_path / "tiny.yaml"), "--config", *config]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    stats = result.stdout.split("Job stats:")[1].split("total")[0]
+    jobs = Counter({m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", stats, re.M)})
+    shells = [line.split("Shell command: ", 1)[1] for line in result.stdout.splitlines()
+              if "Shell command: " in line]
+    return jobs, shells
+
+
+def test_replicates_fan_out_distillation_and_evaluation_only(tmp_path):
+    jobs, shells = dry_run(tmp_path, "replicates=3", "seed=5")
+    assert jobs["distill"] == 3 * 2  # 2 methods (one job each without replicates, see below)
+    # evaluate: teacher_base, student_sft, 2 teacher checkpoints, then the distilled students.
+    assert jobs["evaluate"] == 4 + 3 * 2
+    for rule in ("sft_teacher", "sft_student", "estimate_subdomains", "prepare_data", "report"):
+        assert jobs[rule] == 1, rule
+    assert jobs["cache_logits"] == 2
+    distill = sorted(s for s in shells if " distill " in s)
+    assert [re.search(r"--name '([^']+)'.* --set seed=(\d+)", s).groups() for s in distill] == [
+        ("scd_aw/seed-0", "5"), ("scd_aw/seed-1", "6"), ("scd_aw/seed-2", "7"),
+        ("td/seed-0", "5"), ("td/seed-1", "6"), ("td/seed-2", "7")]
+    evaluated = {re.search(r"--model (\S+) --name '([^']+)'", s).groups() for s in shells if " evaluate " in s}
+    assert ("results/demo/students/td/seed-2", "td@seed-2") in evaluated
+    assert ("results/demo/students/scd_aw/seed-0", "scd_aw@seed-0") in evaluated
+
+
+def test_several_tasks_share_the_base_models_and_end_in_one_table(tmp_path):
+    jobs, shells = dry_run(tmp_path, "tasks=[demo,smdis]")
+    for task in ("demo", "smdis"):
+        assert jobs[f"{task}_sft_teacher"] == 1 and jobs[f"{task}_distill"] == 2
+        assert jobs[f"{task}_evaluate"] == 6 and jobs[f"{task}_report"] == 1
+    assert jobs["demo_prepare_model_teacher"] == jobs["demo_prepare_model_student"] == 1
+    assert not any(rule.startswith("smdis_prepare_model") for rule in jobs)
+    assert jobs["demo_multitask_report"] == 1 and sum(jobs.values()) == 2 * 15 + 2 + 1 + 1
+    # Every task rule names its own task; the table reads both.
+    assert any("sft --role teacher --task smdis" in s and "results/smdis/logs" in s for s in shells)
+    assert any("report --tasks demo,smdis" in s for s in shells)
+
+
+def test_one_task_keeps_the_documented_rule_names(tmp_path):
+    jobs, shells = dry_run(tmp_path, "task=crade")
+    assert {"sft_teacher", "distill", "evaluate", "report", "all"} <= set(jobs)
+    assert (jobs["distill"], jobs["evaluate"], jobs["sft_teacher"]) == (2, 6, 1)
+    assert not any("_" in rule and rule.startswith("crade") for rule in jobs)
+    assert any("distill --method 'td' --name 'td' --task crade" in s for s in shells)
+    assert any("results/crade/logs/report.log" in s for s in shells)
+
+
+def test_distill_names_may_have_slash_separated_segments(tmp_path):
+    config = load_config(overrides={"results_dir": str(tmp_path)})
+    paths = distill_paths(config, "td/seed-1")
+    assert paths.output == tmp_path / "demo" / "students" / "td" / "seed-1"
+    assert paths.state == tmp_path / "demo" / ".state" / "distill-td--seed-1"
+    assert distill_paths(config, "td").state == tmp_path / "demo" / ".state" / "distill-td"
+    for bad in ("", "td/../x", "td/.hidden", "/td", "td/", "td\\seed"):
+        with pytest.raises(ConfigError, match="--name") as caught:
+            distill_paths(config, bad)
+        assert "\n" not in str(caught.value)
