@@ -1,6 +1,7 @@
 """The ``scd-pipeline`` command: one sub-command per pipeline stage.
 
-Every command reads the validated config (``--config``, default: ./config.yaml or the repository's),
+Every command reads the validated config (``--config``, default: ./config.yaml, else the defaults
+shipped with the package; ``scd-pipeline init`` writes them out to edit),
 applies its own options and any ``--set key.path=value`` on top, and writes the effective config
 beside its outputs. Heavy libraries are imported inside the commands so ``--help`` stays instant.
 """
@@ -27,8 +28,8 @@ app = typer.Typer(
 
 ConfigOption = Annotated[
     Path | None,
-    typer.Option("--config", "-c", help="YAML config file (default: ./config.yaml if present, "
-                 "else the repository's config.yaml).", show_default=False),
+    typer.Option("--config", "-c", help="YAML config file, merged onto the defaults (default: "
+                 "./config.yaml if present; `scd-pipeline init` writes one).", show_default=False),
 ]
 SetOption = Annotated[
     list[str] | None,
@@ -79,6 +80,26 @@ def build_config(config_path: Path | None, sets: list[str] | None, **options: An
 def _fail(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code=2)
+
+
+@app.command("init")
+def init_command(
+    path: Annotated[Path, typer.Argument(help="Where to write the config.")] = Path("config.yaml"),
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+) -> None:
+    """Write the default config (every key, with a comment) to PATH to edit; stages then read it
+    from the working directory, or pass it with --config."""
+    from scd_pipeline.config import DEFAULT_CONFIG
+    from scd_pipeline.io import atomic_path
+
+    if path.exists() and not force:
+        _fail(f"{path}: already exists; edit it, or pass --force to overwrite it with the defaults")
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_text(DEFAULT_CONFIG.read_text(encoding="utf-8"), encoding="utf-8")
+    except OSError as exc:
+        _fail(f"{path}: cannot write the config ({exc.strerror}); choose a writable place")
+    typer.echo(f"wrote {path}: every setting with its default; edit it, then run the stages from this folder")
 
 
 @app.command("prepare-data")
@@ -423,7 +444,7 @@ def distill_command(
 
 
 # --help lists the stages in pipeline order, whatever order they are defined in above.
-PIPELINE_ORDER = ("prepare-model", "prepare-data", "sft", "cache-logits", "cache-info",
+PIPELINE_ORDER = ("init", "prepare-model", "prepare-data", "sft", "cache-logits", "cache-info",
                   "estimate-subdomains", "distill", "evaluate", "report")
 app.registered_commands.sort(key=lambda command: PIPELINE_ORDER.index(command.name))
 

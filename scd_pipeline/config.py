@@ -16,9 +16,11 @@ import yaml
 from scd_pipeline.errors import ConfigError
 from scd_pipeline.io import atomic_path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = REPO_ROOT / "config.yaml"
-SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
+# Shipped inside the package (in a checkout these are links to the repository's config.yaml and
+# workflow/schemas/config.schema.yaml, the files Snakemake reads; a wheel holds their content).
+DEFAULTS_DIR = Path(__file__).parent / "defaults"
+DEFAULT_CONFIG = DEFAULTS_DIR / "config.yaml"
+SCHEMA_PATH = DEFAULTS_DIR / "config.schema.yaml"
 
 _TYPE_NAMES = {"integer": "an integer", "number": "a number", "string": "a string",
                "boolean": "true or false", "array": "a list", "object": "a mapping", "null": "null"}
@@ -170,9 +172,9 @@ def read_yaml(path: str | Path) -> dict:
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> dict:
-    """Defaults from the repository's config.yaml, then the user's file, then dotted overrides."""
+    """The shipped defaults (the repository's config.yaml), then the user's file, then dotted overrides."""
     config = read_yaml(DEFAULT_CONFIG)
-    if path is not None and Path(path).resolve() != DEFAULT_CONFIG:
+    if path is not None and Path(path).resolve() != DEFAULT_CONFIG.resolve():
         config = deep_merge(config, read_yaml(path))
     for key, value in (overrides or {}).items():
         set_dotted(config, key, value)  # None is a real value here (e.g. --set distill.phases=null)

@@ -1,0 +1,3 @@
+from scd_pipeline.cli import app
+
+app(prog_name="scd-pipeline")

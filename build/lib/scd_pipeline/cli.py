@@ -1,0 +1,453 @@
+"""The ``scd-pipeline`` command: one sub-command per pipeline stage.
+
+Every command reads the validated config (``--config``, default: ./config.yaml, else the defaults
+shipped with the package; ``scd-pipeline init`` writes them out to edit),
+applies its own options and any ``--set key.path=value`` on top, and writes the effective config
+beside its outputs. Heavy libraries are imported inside the commands so ``--help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from scd_pipeline.errors import ScdError
+
+app = typer.Typer(
+    name="scd-pipeline",
+    help="Distil a fine-tuned domain LLM (teacher) into a smaller student: data, models, SFT, "
+    "logit caches, subdomains, scheduled distillation, evaluation, report.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="YAML config file, merged onto the defaults (default: "
+                 "./config.yaml if present; `scd-pipeline init` writes one).", show_default=False),
+]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override any config key, e.g. --set data.max_length=256 "
+                 "(repeatable; value parsed as YAML).", show_default=False),
+]
+TaskOption = Annotated[
+    str | None,
+    typer.Option("--task", "-t", help="Task name: demo, crade, rrtnm, smdis, jmmlu_med, nrner, "
+                 "pubmedqa or custom (default: config 'task').", show_default=False),
+]
+ResultsOption = Annotated[
+    Path | None,
+    typer.Option("--results-dir", help="Root of all outputs (default: config 'results_dir').",
+                 show_default=False),
+]
+
+
+@app.callback()
+def _announce_cluster_job() -> None:
+    """Under SLURM, say which job and node ran the stage (the first line of every rule log)."""
+    import os
+    import socket
+
+    job = os.environ.get("SLURM_JOB_ID")
+    if job:
+        typer.echo(f"[scd-pipeline] SLURM job {job} on {socket.gethostname()}", err=True)
+
+
+class Role(str, Enum):
+    teacher = "teacher"
+    student = "student"
+
+
+def build_config(config_path: Path | None, sets: list[str] | None, **options: Any) -> dict:
+    """Config file, then explicit options (dotted keys), then ``--set`` assignments; validated."""
+    from scd_pipeline.config import load_config, parse_assignment
+
+    if config_path is None and Path("config.yaml").is_file():
+        config_path = Path("config.yaml")
+    overrides = {key: value for key, value in options.items() if value is not None}
+    for assignment in sets or []:
+        key, value = parse_assignment(assignment)
+        overrides[key] = value
+    return load_config(config_path, overrides)
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code=2)
+
+
+@app.command("init")
+def init_command(
+    path: Annotated[Path, typer.Argument(help="Where to write the config.")] = Path("config.yaml"),
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+) -> None:
+    """Write the default config (every key, with a comment) to PATH to edit; stages then read it
+    from the working directory, or pass it with --config."""
+    from scd_pipeline.config import DEFAULT_CONFIG
+    from scd_pipeline.io import atomic_path
+
+    if path.exists() and not force:
+        _fail(f"{path}: already exists; edit it, or pass --force to overwrite it with the defaults")
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_text(DEFAULT_CONFIG.read_text(encoding="utf-8"), encoding="utf-8")
+    except OSError as exc:
+        _fail(f"{path}: cannot write the config ({exc.strerror}); choose a writable place")
+    typer.echo(f"wrote {path}: every setting with its default; edit it, then run the stages from this folder")
+
+
+@app.command("prepare-data")
+def prepare_data_command(
+    task: TaskOption = None,
+    config: ConfigOption = None,
+    tokenizer: Annotated[Path | None, typer.Option(
+        help="Tokenizer directory (default: the prepared teacher, {results_dir}/models/teacher_base).",
+        show_default=False)] = None,
+    jmed_root: Annotated[Path | None, typer.Option(
+        help="JMED-LLM data root (default: config data.jmed_root).", show_default=False)] = None,
+    max_train_samples: Annotated[int | None, typer.Option(
+        help="Cap on training rows (default: config data.max_train_samples).", show_default=False)] = None,
+    max_length: Annotated[int | None, typer.Option(
+        help="Cap on prompt+completion tokens; over-long prompts are cut (default: config "
+        "data.max_length).", show_default=False)] = None,
+    balance: Annotated[str | None, typer.Option(
+        help="Class balancing of the training split: none, undersample, oversample, weights.",
+        show_default=False)] = None,
+    results_dir: ResultsOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Build train/val/test Parquet splits and manifest.json under {results_dir}/{task}/data/."""
+    try:
+        cfg = build_config(config, set_, task=task, results_dir=str(results_dir) if results_dir else None,
+                           **{"data.jmed_root": str(jmed_root) if jmed_root else None,
+                              "data.max_train_samples": max_train_samples,
+                              "data.max_length": max_length, "data.balance": balance})
+        from scd_pipeline.data import prepare_data
+
+        out = prepare_data(cfg, tokenizer_path=tokenizer)
+    except ScdError as exc:
+        _fail(str(exc))
+    typer.echo(f"wrote {out}")
+
+
+@app.command("prepare-model")
+def prepare_model_command(
+    role: Annotated[Role, typer.Option(help="Which model to prepare.")] = Role.teacher,
+    source: Annotated[str | None, typer.Option(
+        help="Hub id, local directory, embedded:smollm2-135m-instruct, tiny:llama, or (student) "
+        "teacher_base (default: config models.{role}.source).", show_default=False)] = None,
+    keep_every: Annotated[int | None, typer.Option(
+        help="Depth-prune: keep every k-th decoder layer (default: config models.{role}.keep_every).",
+        show_default=False)] = None,
+    keep_layers: Annotated[str | None, typer.Option(
+        help="Depth-prune: comma-separated decoder layer indices to keep, e.g. 0,4,8 "
+        "(default: config models.{role}.keep_layers).", show_default=False)] = None,
+    config: ConfigOption = None,
+    results_dir: ResultsOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Write {results_dir}/models/{role}_base/ (safetensors + tokenizer + model_manifest.json)."""
+    try:
+        layers = None
+        if keep_layers:
+            try:
+                layers = [int(part) for part in keep_layers.split(",") if part.strip()]
+            except ValueError:
+                _fail(f"--keep-layers {keep_layers!r}: expected comma-separated integers, e.g. 0,4,8")
+        cfg = build_config(config, set_, results_dir=str(results_dir) if results_dir else None,
+                           **{f"models.{role.value}.source": source,
+                              f"models.{role.value}.keep_every": keep_every,
+                              f"models.{role.value}.keep_layers": layers})
+        from scd_pipeline.models import prepare_model
+
+        out = prepare_model(cfg, role.value)
+    except ScdError as exc:
+        _fail(str(exc))
+    typer.echo(f"wrote {out}")
+
+
+@app.command("cache-logits")
+def cache_logits_command(
+    checkpoint: Annotated[int, typer.Option(
+        "--checkpoint", help="Teacher checkpoint index K (teacher/ckpt-K, as in checkpoints.json).")],
+    task: TaskOption = None,
+    top_k: Annotated[int | None, typer.Option(
+        help="Teacher log-probs kept per completion token, plus one tail bucket (default: config "
+        "cache.top_k).", show_default=False)] = None,
+    dtype: Annotated[str | None, typer.Option(
+        help="Stored log-prob precision: fp16, fp32 or int8 (8-bit codes, 0.1 nat) (default: config cache.dtype).", show_default=False)] = None,
+    temperature: Annotated[float | None, typer.Option(
+        help="Teacher temperature applied before caching (default: config cache.temperature).",
+        show_default=False)] = None,
+    batch_size: Annotated[int | None, typer.Option(
+        help="Samples per teacher forward (default: config cache.batch_size).", show_default=False)] = None,
+    split: Annotated[str | None, typer.Option(
+        help="Split to cache: train, val or test (default: config cache.split).", show_default=False)] = None,
+    config: ConfigOption = None,
+    results_dir: ResultsOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Cache one teacher checkpoint's top-k completion log-probs: {results_dir}/{task}/logits/ckpt-K.parquet
+    + ckpt-K.meta.json (one job per checkpoint)."""
+    try:
+        cfg = build_config(config, set_, task=task, results_dir=str(results_dir) if results_dir else None,
+                           **{"cache.top_k": top_k, "cache.dtype": dtype, "cache.temperature": temperature,
+                              "cache.batch_size": batch_size, "cache.split": split})
+        from scd_pipeline.cache import cache_logits
+
+        meta = cache_logits(cfg, checkpoint)
+    except ScdError as exc:
+        _fail(str(exc))
+    typer.echo(f"wrote {meta['path']}: {meta['rows']} samples, {meta['tokens']} completion tokens, "
+               f"k={meta['k']} {meta['dtype']}, {meta['bytes_per_token']:.1f} B/token, "
+               f"{meta['tokens_per_second']:.1f} tokens/s ({meta['capture_seconds']:.1f} s)")
+
+
+@app.command("cache-info")
+def cache_info_command(
+    file: Annotated[Path, typer.Argument(help="A cache file, e.g. results/demo/logits/ckpt-1.parquet.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print everything as one JSON object.")] = False,
+) -> None:
+    """Rows, tokens, k, dtype, size, bytes/token and the sidecar meta of a teacher-logit cache."""
+    import json
+
+    try:
+        from scd_pipeline.logit_cache import cache_info
+
+        info = cache_info(file)
+    except ScdError as exc:
+        _fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps(info, indent=2, default=str))
+        return
+    for key in ("path", "rows", "tokens", "k", "dtype", "id_dtype", "temperature", "format_version",
+                "file_bytes", "row_groups"):
+        typer.echo(f"{key}: {info[key]}")
+    typer.echo(f"bytes_per_token: {info['bytes_per_token']:.2f}")
+    typer.echo("meta: " + (json.dumps(info["sidecar"], default=str) if info["sidecar"] else
+                           "MISSING sidecar (the cache will be refused; re-run cache-logits)"))
+    if info["sidecar_mismatch"]:
+        typer.echo(f"sidecar disagrees with the file on: {', '.join(info['sidecar_mismatch'])} (the cache "
+                   "will be refused; re-run cache-logits)")
+
+
+@app.command("estimate-subdomains")
+def estimate_subdomains_command(
+    task: TaskOption = None,
+    probe_size: Annotated[int | None, typer.Option(
+        help="Samples of the fixed probe set for the KL between checkpoints (default: config "
+        "subdomains.probe_size).", show_default=False)] = None,
+    batch_size: Annotated[int | None, typer.Option(
+        help="Samples per student forward (default: config cache.batch_size).", show_default=False)] = None,
+    config: ConfigOption = None,
+    results_dir: ResultsOption = None,
+    set_: SetOption = None,
+) -> None:
+    """SFS/TFS, adaptive weights and KL(T* || c) from the SFT student and every checkpoint's cache:
+    {results_dir}/{task}/subdomains.parquet + subdomains.json."""
+    try:
+        cfg = build_config(config, set_, task=task, results_dir=str(results_dir) if results_dir else None,
+                           **{"subdomains.probe_size": probe_size, "cache.batch_size": batch_size})
+        from scd_pipeline.subdomains import estimate_subdomains
+
+        summary = estimate_subdomains(cfg)
+    except ScdError as exc:
+        _fail(str(exc))
+    loss = summary["loss"]
+    typer.echo(f"wrote {', '.join(summary['paths'])}: SFS share {summary['sfs_share']:.3f}; loss gap "
+               f"S-T* {loss['gap']:+.4f} = SFS {loss['advantage_sfs']:+.4f} + TFS {loss['deficit_tfs']:+.4f}; "
+               f"error gap {summary['metric']['gap']:+.4f}; best checkpoint {summary['best_index']}")
+
+
+@app.command("sft")
+def sft_command(
+    role: Annotated[Role, typer.Option(help="teacher: N dense checkpoints + checkpoints.json; "
+                                       "student: the SFT baseline student_sft/.")] = Role.teacher,
+    task: TaskOption = None,
+    mode: Annotated[str | None, typer.Option(
+        help="full or lora fine-tuning (default: config sft.mode).", show_default=False)] = None,
+    epochs: Annotated[float | None, typer.Option(
+        help="Epochs, fractions allowed (default: config sft.{role}.epochs).", show_default=False)] = None,
+    lr: Annotated[float | None, typer.Option(
+        help="Peak learning rate (default: config sft.{role}.lr).", show_default=False)] = None,
+    batch_size: Annotated[int | None, typer.Option(
+        help="Samples per micro-batch (default: config sft.batch_size).", show_default=False)] = None,
+    grad_accum: Annotated[int | None, typer.Option(
+        help="Micro-batches per optimizer step (default: config sft.grad_accum).", show_default=False)] = None,
+    n_checkpoints: Annotated[int | None, typer.Option(
+        help="Teacher checkpoints evenly spaced over the run (default: config "
+        "sft.teacher.n_checkpoints).", show_default=False)] = None,
+    config: ConfigOption = None,
+    results_dir: ResultsOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Fine-tune {results_dir}/models/{role}_base on the task: {task}/teacher/ckpt-{k}/ +
+    checkpoints.json, or {task}/student_sft/. Resumes a killed run from {task}/.state/sft-{role}/.
+    Several GPUs: `accelerate launch -m scd_pipeline sft ...`."""
+    try:
+        cfg = build_config(config, set_, task=task, results_dir=str(results_dir) if results_dir else None,
+                           **{"sft.mode": mode, f"sft.{role.value}.epochs": epochs,
+                              f"sft.{role.value}.lr": lr, "sft.batch_size": batch_size,
+                              "sft.grad_accum": grad_accum, "sft.teacher.n_checkpoints": n_checkpoints})
+        from scd_pipeline.sft import run_sft
+
+        out = run_sft(cfg, role.value)
+    except ScdError as exc:
+        _fail(str(exc))
+    typer.echo(f"wrote {out}")
+
+
+@app.command("evaluate")
+def evaluate_command(
+    model: Annotated[Path, typer.Option(
+        help="Model directory: a base model, teacher/ckpt-K, a LoRA adapter directory, student_sft "
+        "or a distilled student.")],
+    task: TaskOption = None,
+    split: Annotated[str | None, typer.Option(
+        help="test or val (default: config evaluate.split).", show_default=False)] = None,
+    name: Annotated[str | None, typer.Option(
+        help="Output name eval/{name}.json (default: from the path, e.g. teacher-ckpt-3, student_sft).",
+        show_default=False)] = None,
+    batch_size: Annotated[int | None, typer.Option(
+        help="Samples per forward (default: config evaluate.batch_size).", show_default=False)] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(
+        help="Generation budget of list tasks (default: config evaluate.max_new_tokens).",
+        show_default=False)] = None,
+    config: ConfigOption = None,
+    results_dir: ResultsOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Score a model on a prepared split: {results_dir}/{task}/eval/{name}.json (metrics overall and
+    per tag) + {name}.predictions.parquet."""
+    import json
+
+    try:
+        cfg = build_config(config, set_, task=task, results_dir=str(results_dir) if results_dir else None,
+                           **{"evaluate.split": split, "evaluate.batch_size": batch_size,
+                              "evaluate.max_new_tokens": max_new_tokens})
+        from scd_pipeline.evaluate import evaluate
+
+        out = evaluate(cfg, model, name=name)
+    except ScdError as exc:
+        _fail(str(exc))
+    metrics = json.loads(out.read_text(encoding="utf-8"))["metrics"]
+    shown = ", ".join(f"{key} {value:.4f}" for key, value in metrics.items() if value is not None)
+    typer.echo(f"wrote {out}: {shown}")
+
+
+@app.command("report")
+def report_command(
+    task: TaskOption = None,
+    tasks: Annotated[str | None, typer.Option(
+        help="Comma-separated tasks, e.g. demo,smdis: write the paper's Table 1 across them "
+        "({results_dir}/tasks-demo+smdis/report.md, report.html, summary.csv) instead of one task's "
+        "report.", show_default=False)] = None,
+    resamples: Annotated[int | None, typer.Option(
+        help="Paired bootstrap resamples of the test rows, at least 1000 (default: config "
+        "report.resamples).", show_default=False)] = None,
+    config: ConfigOption = None,
+    results_dir: ResultsOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Compare the teacher (T*), the SFT student and every distilled student, with paired-bootstrap
+    intervals: {results_dir}/{task}/report.md, report.html, summary.csv, sfs_tfs.csv and plots/*.png.
+    Missing evaluations are listed as "not run"."""
+    try:
+        cfg = build_config(config, set_, task=task, results_dir=str(results_dir) if results_dir else None,
+                           **{"report.resamples": resamples})
+        from scd_pipeline.report import build_multitask_report, build_report, parse_tasks
+
+        if tasks is not None:
+            table = build_multitask_report(cfg, parse_tasks(tasks))
+            typer.echo(f"wrote {table.markdown}, {table.html} and {table.summary_csv}")
+            for line in table.missing:
+                typer.echo(f"not run: {line}")
+            return
+        result = build_report(cfg)
+    except ScdError as exc:
+        _fail(str(exc))
+    typer.echo(f"wrote {result.markdown}, {result.html}, {result.summary_csv}, {result.outcome_csv} and "
+               f"{len(result.plots)} plots in {result.markdown.parent / 'plots'}")
+    for line in result.missing_evals:
+        typer.echo(f"not run: {line}")
+    for line in result.missing_plots:
+        typer.echo(f"missing plot: {line}")
+
+
+class Weighting(str, Enum):
+    none = "none"
+    aw = "aw"
+    paced = "paced"
+
+
+@app.command("distill")
+def distill_command(
+    method: Annotated[str, typer.Option(
+        help="td (T* every phase), cd (checkpoint k in phase k), scd (scheduled: argmin KL(T*||c) + "
+        "KL(S||c) per phase), scd_aw (scd + adaptive weight) or taid; suffixes +aw / +paced allowed, "
+        "e.g. td+paced.")],
+    weighting: Annotated[Weighting | None, typer.Option(
+        help="Per-sample weighting added to the method: none, aw (KD weight L_S^SFT/(L_S^SFT+L_c*)) "
+        "or paced (p(1-p) on the loss).", show_default=False)] = None,
+    name: Annotated[str | None, typer.Option(
+        help="Output folder students/{name} (default: the method string, plus +WEIGHTING).",
+        show_default=False)] = None,
+    task: TaskOption = None,
+    phases: Annotated[int | None, typer.Option(
+        help="Number of phases N (default: config distill.phases, null = one per teacher checkpoint).",
+        show_default=False)] = None,
+    epochs_per_phase: Annotated[float | None, typer.Option(
+        help="Epochs per phase E, fractions allowed (default: config distill.epochs_per_phase).",
+        show_default=False)] = None,
+    init: Annotated[str | None, typer.Option(
+        help="Initial student: base (models/student_base) or sft (student_sft) (default: config "
+        "distill.init).", show_default=False)] = None,
+    divergence: Annotated[str | None, typer.Option(
+        help="KD divergence: forward_kl, reverse_kl, skew_forward_kl, skew_reverse_kl, generalized_jsd, "
+        "total_variation or akl (default: config distill.divergence).", show_default=False)] = None,
+    kd_weight: Annotated[float | None, typer.Option(
+        help="lambda in (1 - lambda) CE + lambda KD when AW is off (default: config distill.kd_weight).",
+        show_default=False)] = None,
+    lr: Annotated[float | None, typer.Option(
+        help="Peak learning rate of every phase (default: config distill.lr).", show_default=False)] = None,
+    batch_size: Annotated[int | None, typer.Option(
+        help="Samples per micro-batch (default: config distill.batch_size).", show_default=False)] = None,
+    config: ConfigOption = None,
+    results_dir: ResultsOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Distil the student from the cached teacher checkpoints (no teacher forward):
+    {results_dir}/{task}/students/{name}/ (model, train_log.jsonl, schedule.json). Resumes a killed
+    run from {task}/.state/distill-{name}/. Several GPUs: `accelerate launch -m scd_pipeline distill ...`."""
+    import json
+
+    try:
+        cfg = build_config(config, set_, task=task, results_dir=str(results_dir) if results_dir else None,
+                           **{"distill.phases": phases, "distill.epochs_per_phase": epochs_per_phase,
+                              "distill.init": init, "distill.divergence": divergence,
+                              "distill.kd_weight": kd_weight, "distill.lr": lr, "distill.batch_size": batch_size})
+        from scd_pipeline.distill import SCHEDULE_FILE, run_distill
+
+        out = run_distill(cfg, method, weighting.value if weighting else None, name)
+    except ScdError as exc:
+        _fail(str(exc))
+    schedule = json.loads((out / SCHEDULE_FILE).read_text(encoding="utf-8"))
+    checkpoints = ", ".join(str(phase["checkpoint"]) for phase in schedule["phases"])
+    typer.echo(f"wrote {out}: {schedule['method']}, {schedule['n_phases']} phases from checkpoints "
+               f"[{checkpoints}], {schedule['total_steps']} steps")
+
+
+# --help lists the stages in pipeline order, whatever order they are defined in above.
+PIPELINE_ORDER = ("init", "prepare-model", "prepare-data", "sft", "cache-logits", "cache-info",
+                  "estimate-subdomains", "distill", "evaluate", "report")
+app.registered_commands.sort(key=lambda command: PIPELINE_ORDER.index(command.name))
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    sys.exit(app())

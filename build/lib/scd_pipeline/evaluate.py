@@ -1,0 +1,71 @@
+"""Task evaluation: ``scd-pipeline evaluate --model PATH`` -> ``eval/{name}.json`` + predictions.
+
+Scoring is :mod:`scd_pipeline.scoring`'s one path (choice tasks rank the option letters by their
+log-probability at the first completion position; list tasks generate greedily and parse a list),
+the same that validates SFT checkpoints and scores the teacher caches and the SFS/TFS split.
+
+A model path may be a base model, a teacher checkpoint, a LoRA adapter directory (its
+``adapter_config.json`` names the base, which is loaded and merged) or a distilled student.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from scd_pipeline.batching import read_split
+from scd_pipeline.config import task_dir
+from scd_pipeline.io import atomic_path, json_safe, write_json
+from scd_pipeline.metrics import kappa_weights
+from scd_pipeline.models import load_model
+from scd_pipeline.naming import default_eval_name
+from scd_pipeline.scoring import (
+    SAMPLE_METRIC,
+    choice_categories,
+    predict_split,
+    split_kind,
+    summarise,
+)
+from scd_pipeline.tokenization import check_data_tokenizer
+
+PREDICTION_COLUMNS = ["sample_id", "tag", "gold", "prediction", "gold_logprob", "gold_tokens", "score"]
+
+
+def evaluate(config: dict, model_path: str | Path, split: str | None = None,
+             name: str | None = None) -> Path:
+    """Evaluate a model on a prepared split; write ``eval/{name}.json`` and ``.predictions.parquet``.
+
+    Returns the path of the JSON file.
+    """
+    settings = config["evaluate"]
+    split = split or settings["split"]
+    name = name or default_eval_name(model_path)
+    data_dir = task_dir(config) / "data"
+    split_file = data_dir / f"{split}.parquet"
+    frame = read_split(split_file)
+    kind = split_kind(frame, str(split_file))
+    model, tokenizer = load_model(model_path)
+    first_parameter = next(model.parameters())
+    check_data_tokenizer(data_dir, tokenizer, model_path)
+    started = time.perf_counter()
+    predictions = predict_split(model, tokenizer, frame, settings["batch_size"],
+                                settings["max_new_tokens"], where=str(split_file), progress=True)
+    seconds = time.perf_counter() - started
+    categories = choice_categories(frame) if kind == "choice" else []
+    weights = kappa_weights(config["task"])
+    summary = summarise(predictions, kind, categories, weights)
+    out_dir = task_dir(config) / "eval"
+    predictions_file = out_dir / f"{name}.predictions.parquet"
+    with atomic_path(predictions_file) as tmp:
+        predictions[PREDICTION_COLUMNS].to_parquet(tmp, index=False)
+    report = {"name": name, "model": str(model_path), "task": config["task"], "split": split,
+              "kind": kind, "n": len(frame), **summary,
+              "kappa_weights": weights if kind == "choice" else None, "categories": categories,
+              "score": SAMPLE_METRIC[kind],
+              "malformed_outputs": int(predictions["malformed"].sum()),
+              "seconds": round(seconds, 3), "samples_per_s": round(len(frame) / max(seconds, 1e-9), 3),
+              "device": str(first_parameter.device),
+              "dtype": str(first_parameter.dtype).removeprefix("torch.")}
+    out_file = out_dir / f"{name}.json"
+    write_json(out_file, json_safe(report))
+    return out_file
