@@ -692,8 +692,8 @@ def check_test_overlap(splits: dict[str, list[Example]], allow: bool) -> None:
     if not repeats:
         return
     first = repeats[0]
-    found = (f"{len(repeats)} train/val rows repeat a test question (first: {first.origin} = "
-             f"{test_origin[first.question]})")
+    rows = "1 train/val row repeats" if len(repeats) == 1 else f"{len(repeats)} train/val rows repeat"
+    found = f"{rows} a test question (first: {first.origin} = {test_origin[first.question]})"
     if not allow:
         raise DataError(f"{found}; remove them from the training data, or set "
                         "data.allow_test_overlap: true to accept them")

@@ -547,7 +547,7 @@ def test_test_questions_in_the_training_data_are_a_warning_by_default(tmp_path, 
     out = prepare_data(make_config(tmp_path / "results", "custom", custom=custom, val_fraction=0.2),
                        tiny_tokenizer_dir)
     warning = capsys.readouterr().err.strip().splitlines()
-    assert warning == [f"warning: 1 train/val rows repeat a test question (first: {custom['train']}: "
+    assert warning == [f"warning: 1 train/val row repeats a test question (first: {custom['train']}: "
                        f"line 3 = {custom['test']}: line 2); test scores will be optimistic "
                        "(data.allow_test_overlap: false refuses this)"]
     assert json.loads((out / "manifest.json").read_text())["test_questions_in_train_val"] == 1
@@ -557,7 +557,7 @@ def test_test_questions_in_the_training_data_are_refused_when_not_allowed(tmp_pa
     custom = overlapping_custom(tmp_path / "in")
     config = make_config(tmp_path / "results", "custom", custom=custom, val_fraction=0.2,
                          allow_test_overlap=False)
-    with pytest.raises(DataError, match=r"^1 train/val rows repeat a test question \(first: .*train\.jsonl: "
+    with pytest.raises(DataError, match=r"^1 train/val row repeats a test question \(first: .*train\.jsonl: "
                        r"line 3 = .*test\.jsonl: line 2\); remove them .* data\.allow_test_overlap: true"):
         prepare_data(config, tiny_tokenizer_dir)
     assert not (tmp_path / "results").exists()
