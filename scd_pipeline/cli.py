@@ -14,10 +14,28 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from typer.core import TyperGroup
 
 from scd_pipeline.errors import ScdError
+from scd_pipeline.locking import stage_lock
+
+
+class _OneLineErrors(TyperGroup):
+    """A file-system error anywhere in a stage (read-only disk, a file where a folder belongs, a
+    full disk) ends the command with one ``error:`` line naming the path, exit status 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except OSError as exc:
+            from scd_pipeline.io import describe_os_error
+
+            typer.echo(f"error: {describe_os_error(exc)}", err=True)
+            raise typer.Exit(code=2) from None
+
 
 app = typer.Typer(
+    cls=_OneLineErrors,
     name="scd-pipeline",
     help="Distil a fine-tuned domain LLM (teacher) into a smaller student: data, models, SFT, "
     "logit caches, subdomains, scheduled distillation, evaluation, report.",
@@ -130,7 +148,8 @@ def prepare_data_command(
                               "data.max_length": max_length, "data.balance": balance})
         from scd_pipeline.data import prepare_data
 
-        out = prepare_data(cfg, tokenizer_path=tokenizer)
+        with stage_lock("prepare-data", cfg):
+            out = prepare_data(cfg, tokenizer_path=tokenizer)
     except ScdError as exc:
         _fail(str(exc))
     typer.echo(f"wrote {out}")
@@ -166,7 +185,8 @@ def prepare_model_command(
                               f"models.{role.value}.keep_layers": layers})
         from scd_pipeline.models import prepare_model
 
-        out = prepare_model(cfg, role.value)
+        with stage_lock("prepare-model", cfg, role=role.value):
+            out = prepare_model(cfg, role.value)
     except ScdError as exc:
         _fail(str(exc))
     typer.echo(f"wrote {out}")
@@ -201,7 +221,8 @@ def cache_logits_command(
                               "cache.batch_size": batch_size, "cache.split": split})
         from scd_pipeline.cache import cache_logits
 
-        meta = cache_logits(cfg, checkpoint)
+        with stage_lock("cache-logits", cfg, checkpoint=checkpoint):
+            meta = cache_logits(cfg, checkpoint)
     except ScdError as exc:
         _fail(str(exc))
     typer.echo(f"wrote {meta['path']}: {meta['rows']} samples, {meta['tokens']} completion tokens, "
@@ -256,7 +277,8 @@ def estimate_subdomains_command(
                            **{"subdomains.probe_size": probe_size, "cache.batch_size": batch_size})
         from scd_pipeline.subdomains import estimate_subdomains
 
-        summary = estimate_subdomains(cfg)
+        with stage_lock("estimate-subdomains", cfg):
+            summary = estimate_subdomains(cfg)
     except ScdError as exc:
         _fail(str(exc))
     loss = summary["loss"]
@@ -297,7 +319,8 @@ def sft_command(
                               "sft.grad_accum": grad_accum, "sft.teacher.n_checkpoints": n_checkpoints})
         from scd_pipeline.sft import run_sft
 
-        out = run_sft(cfg, role.value)
+        with stage_lock("sft", cfg, role=role.value):
+            out = run_sft(cfg, role.value)
     except ScdError as exc:
         _fail(str(exc))
     typer.echo(f"wrote {out}")
@@ -332,8 +355,10 @@ def evaluate_command(
                            **{"evaluate.split": split, "evaluate.batch_size": batch_size,
                               "evaluate.max_new_tokens": max_new_tokens})
         from scd_pipeline.evaluate import evaluate
+        from scd_pipeline.naming import default_eval_name
 
-        out = evaluate(cfg, model, name=name)
+        with stage_lock("evaluate", cfg, name=name or default_eval_name(model)):
+            out = evaluate(cfg, model, name=name)
     except ScdError as exc:
         _fail(str(exc))
     metrics = json.loads(out.read_text(encoding="utf-8"))["metrics"]
@@ -369,7 +394,8 @@ def report_command(
             for line in table.missing:
                 typer.echo(f"not run: {line}")
             return
-        result = build_report(cfg)
+        with stage_lock("report", cfg):
+            result = build_report(cfg)
     except ScdError as exc:
         _fail(str(exc))
     typer.echo(f"wrote {result.markdown}, {result.html}, {result.summary_csv}, {result.outcome_csv} and "
@@ -432,9 +458,11 @@ def distill_command(
                            **{"distill.phases": phases, "distill.epochs_per_phase": epochs_per_phase,
                               "distill.init": init, "distill.divergence": divergence,
                               "distill.kd_weight": kd_weight, "distill.lr": lr, "distill.batch_size": batch_size})
-        from scd_pipeline.distill import SCHEDULE_FILE, run_distill
+        from scd_pipeline.distill import SCHEDULE_FILE, default_name, run_distill
 
-        out = run_distill(cfg, method, weighting.value if weighting else None, name)
+        weighting_name = weighting.value if weighting else None
+        with stage_lock("distill", cfg, name=name or default_name(method, weighting_name)):
+            out = run_distill(cfg, method, weighting_name, name)
     except ScdError as exc:
         _fail(str(exc))
     schedule = json.loads((out / SCHEDULE_FILE).read_text(encoding="utf-8"))

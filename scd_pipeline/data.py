@@ -16,9 +16,12 @@ a Hugging Face dataset (a ``save_to_disk`` folder, or a hub id already in the lo
 from __future__ import annotations
 
 import ast
+import csv
 import hashlib
+import io
 import json
 import re
+import sys
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -83,7 +86,7 @@ class Example:
     choices: tuple[str, ...]    # option letters; empty for list tasks
     answer: str                 # the letter, or a JSON list
     label: int                  # index of the answer in choices; -1 for list tasks
-    origin: str                 # "file: row N" for error messages
+    origin: str                 # "file: line N" (CSV, JSONL) or "file: row N" (Parquet), for messages
     repeat: int = 0             # > 0 for an oversampled copy (sample_id "<id>#r<repeat>")
 
     @property
@@ -171,9 +174,26 @@ def list_example(sample_id: str, tag: str, body: str, answer: Any, origin: str,
                    (), json.dumps(items, ensure_ascii=False), -1, origin)
 
 
+def _json_kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return f"true/false ({value!r})"
+    if isinstance(value, int | float):
+        return f"a number ({value!r})"
+    if isinstance(value, list | tuple):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return f"a {type(value).__name__}"
+
+
 def require_text(value: Any, origin: str, column: str) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise DataError(f"{origin}, column '{column}': empty or missing text")
+    if value is None or (isinstance(value, float) and value != value):  # JSON null, empty Parquet cell
+        raise DataError(f"{origin}, column '{column}': missing text")
+    if not isinstance(value, str):
+        raise DataError(f"{origin}, column '{column}': {_json_kind(value)} where text is expected; "
+                        "write it as a string (in JSON, in quotes)")
+    if not value.strip():
+        raise DataError(f"{origin}, column '{column}': empty text")
     return value
 
 
@@ -208,13 +228,35 @@ def read_utf8(path: Path) -> str:
                         "save the file as UTF-8") from exc
 
 
-def read_csv_records(path: Path) -> list[dict[str, str]]:
-    """Rows of a UTF-8 CSV as dicts of strings (empty cells are ""), with one-line errors."""
-    import io
+def csv_row_lines(text: str) -> list[int]:
+    """The line, as an editor numbers it, where each data row of a CSV text starts (a quoted cell
+    may span lines); blank lines are skipped, as pandas skips them."""
+    reader = csv.reader(io.StringIO(text))
+    starts, end = [], 0
+    for row in reader:
+        start, end = end + 1, reader.line_num
+        if row and not (len(row) == 1 and not row[0].strip()):
+            starts.append(start)
+    return starts[1:]  # the first row is the header
 
+
+def read_csv_rows(path: Path) -> tuple[list[dict[str, str]], list[str]]:
+    """Rows of a UTF-8 CSV as dicts of strings (empty cells are ""), and where each row is
+    ("{path}: line N", the line an editor shows), with one-line errors."""
+    text = read_utf8(path)
+    records = _parse_csv(path, text)
+    try:
+        lines = csv_row_lines(text)
+    except csv.Error:
+        lines = []
+    if len(lines) != len(records):  # a dialect detail pandas reads otherwise: assume one line per row
+        lines = [index + 2 for index in range(len(records))]
+    return records, [f"{path}: line {line}" for line in lines]
+
+
+def _parse_csv(path: Path, text: str) -> list[dict[str, str]]:
     import pandas as pd
 
-    text = read_utf8(path)
     try:
         frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
     except pd.errors.EmptyDataError as exc:
@@ -237,15 +279,17 @@ def require_columns(path: str | Path, columns: Iterable[str], required: Iterable
                             f"{', '.join(map(str, present))})")
 
 
-def read_table_records(path: Path) -> tuple[list[dict | None], str]:
-    """Rows of a JSONL, CSV or Parquet file and the word for a row ("line" in JSONL)."""
+def read_table_records(path: Path) -> tuple[list[dict | None], list[str]]:
+    """Rows of a JSONL, CSV or Parquet file and where each one is, for messages: "{path}: line N"
+    (the line an editor shows) in text files, "{path}: row N" in Parquet."""
     suffix = path.suffix.lower()
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     if suffix == ".csv":
-        return read_csv_records(path), "row"
+        return read_csv_rows(path)
     if suffix in (".jsonl", ".json"):
-        return read_jsonl_records(path), "line"
+        records = read_jsonl_records(path)
+        return records, [f"{path}: line {number}" for number in range(1, len(records) + 1)]
     if suffix == ".parquet":
         import pandas as pd
 
@@ -255,7 +299,7 @@ def read_table_records(path: Path) -> tuple[list[dict | None], str]:
             raise DataError(f"{path}: not a readable Parquet file ({exc.__class__.__name__})") from exc
         if frame.empty:
             raise DataError(f"{path}: empty file (no rows)")
-        return frame.to_dict("records"), "row"
+        return frame.to_dict("records"), [f"{path}: row {number}" for number in range(1, len(frame) + 1)]
     raise DataError(f"{path}: unknown file type {suffix!r}; use .jsonl, .csv or .parquet")
 
 
@@ -300,7 +344,7 @@ def jmed_pool_file(root: Path, task: str) -> Path:
 
 def read_jmed_file(path: Path, task: str, id_prefix: str, id_width: int) -> list[Example]:
     """One JMED-LLM CSV as examples; sample ids are ``{id_prefix}-{0-based row index}``."""
-    records = read_csv_records(path)
+    records, origins = read_csv_rows(path)
     columns = list(records[0])
     kind = JMED_TASKS[task]
     option_columns = [c for c in columns if c.startswith("option")] if kind == "choice" else []
@@ -309,7 +353,7 @@ def read_jmed_file(path: Path, task: str, id_prefix: str, id_width: int) -> list
         require_columns(path, columns, ["optionA"])
     examples = []
     for index, record in enumerate(records):
-        origin = f"{path}: row {index + 1}"
+        origin = origins[index]
         sample_id = f"{id_prefix}-{index:0{id_width}d}"
         tag = require_text(record["tag"], origin, "tag").strip()
         question = require_text(record["question"], origin, "question")
@@ -455,24 +499,24 @@ def cell_text(value: Any) -> str:
 
 def custom_examples(path: Path, split: str, custom: dict) -> list[Example]:
     """Rows of one custom file (JSONL, CSV or Parquet) mapped through ``data.custom.fields``."""
-    records, row_word = read_table_records(path)
-    return map_custom_records(records, row_word, path, split, custom)
+    records, origins = read_table_records(path)
+    return map_custom_records(records, origins, path, split, custom, tabular=path.suffix.lower() in (".csv", ".parquet"))
 
 
-def map_custom_records(records: Sequence[dict | None], row_word: str, where: str | Path, split: str,
-                       custom: dict) -> list[Example]:
+def map_custom_records(records: Sequence[dict | None], origins: Sequence[str], where: str | Path, split: str,
+                       custom: dict, tabular: bool = True) -> list[Example]:
     """Custom rows (from a file or a dataset split named ``where``) as examples, mapped through
-    ``data.custom.fields``; errors name ``where``, the row and the column."""
+    ``data.custom.fields``; errors name the row's origin (``origins``) and the column."""
     fields, kind = custom["fields"], custom["kind"]
     required = [fields["question"], fields["answer"]] + [f for f in (fields.get("id"), fields.get("tag")) if f]
     required += list(fields.get("options") or []) if kind == "choice" else []
-    if row_word == "row":  # tabular: one header for all rows
+    if tabular:  # one header for all rows
         require_columns(where, records[0].keys(), required)
     examples = []
     for index, record in enumerate(records):
         if record is None:  # blank JSONL line
             continue
-        origin = f"{where}: {row_word} {index + 1}"
+        origin = origins[index]
         for column in required:
             if column not in record:
                 raise DataError(f"{origin}, column '{column}': missing")
@@ -579,7 +623,8 @@ def load_custom_dataset(custom: dict) -> TaskSource:
         where = f"{source} [split {name}]"
         if not len(part):
             raise DataError(f"{where}: no rows")
-        examples[split] = map_custom_records(part.to_list(), "row", where, split, custom)
+        origins = [f"{where}: row {number}" for number in range(1, len(part) + 1)]
+        examples[split] = map_custom_records(part.to_list(), origins, where, split, custom)
         files.append({"role": split, "path": where, "dataset": source, "split": name, "rows": len(part),
                       "fingerprint": getattr(part, "_fingerprint", None)})
     return custom_source(examples, custom, files)
@@ -717,6 +762,24 @@ def inverse_frequency_weights(labels: Sequence[int]) -> list[float]:
     """Weight of a row = N / (K * n_label): inverse class frequency, mean 1 over the rows."""
     counts = Counter(labels)
     return [len(labels) / (len(counts) * counts[label]) for label in labels]
+
+
+def check_test_overlap(splits: dict[str, list[Example]], allow: bool) -> None:
+    """Train/val rows whose question is also a test question inflate the test scores: a warning
+    line, or a DataError when ``data.allow_test_overlap`` is false."""
+    test_origin = {row.question: row.origin for row in splits["test"]}
+    repeats = [row for name in ("train", "val") for row in splits[name]
+               if not row.repeat and row.question in test_origin]
+    if not repeats:
+        return
+    first = repeats[0]
+    rows = "1 train/val row repeats" if len(repeats) == 1 else f"{len(repeats)} train/val rows repeat"
+    found = f"{rows} a test question (first: {first.origin} = {test_origin[first.question]})"
+    if not allow:
+        raise DataError(f"{found}; remove them from the training data, or set "
+                        "data.allow_test_overlap: true to accept them")
+    print(f"warning: {found}; test scores will be optimistic (data.allow_test_overlap: false "
+          "refuses this)", file=sys.stderr)
 
 
 def select_splits(source: TaskSource, data: dict, seed: int) -> dict[str, list[Example]]:
@@ -945,6 +1008,7 @@ def prepare_data(config: dict, tokenizer_path: Path | None = None) -> Path:
     data = config["data"]
     source = load_task(config)
     splits = select_splits(source, data, config["seed"])
+    check_test_overlap(splits, data.get("allow_test_overlap", True))
     tokenizer_path = Path(tokenizer_path) if tokenizer_path else Path(config["results_dir"]) / "models" / "teacher_base"
     tokenizer = load_tokenizer(tokenizer_path)
     end_id = end_of_turn_id(tokenizer)

@@ -1,8 +1,10 @@
-"""Atomic writes and checksums: a crash never leaves a half-written file under its final name."""
+"""Atomic writes and checksums: a crash never leaves a half-written file under its final name.
+Also the one-line description of a file-system error that the CLI prints instead of a traceback."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -88,3 +90,46 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+_RESULTS_ADVICE = "set results_dir (--results-dir or config key results_dir) to a writable folder"
+
+
+def _file_in_the_way(*paths: str | None) -> Path | None:
+    """The first existing ancestor of one of ``paths`` that is not a folder (ENOTDIR's cause)."""
+    for raw in paths:
+        if not raw:
+            continue
+        for ancestor in Path(raw).parents:
+            if ancestor.exists():
+                if not ancestor.is_dir():
+                    return ancestor
+                break
+    return None
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line for a file-system error: the path, what went wrong and what to do."""
+    path = exc.filename if exc.filename is not None else exc.filename2
+    where = f"{path}: " if path is not None else ""
+    code = exc.errno
+    if code == errno.EROFS:
+        return f"{where}read-only file system; {_RESULTS_ADVICE}"
+    if code == errno.ENOTDIR:
+        blocker = _file_in_the_way(exc.filename, exc.filename2)
+        if blocker is not None:
+            return (f"{blocker} is a file where a folder is needed (for {path}); move the file "
+                    f"away or {_RESULTS_ADVICE}")
+        return f"{where}a part of this path is not a folder; {_RESULTS_ADVICE}"
+    if code == errno.EEXIST and path is not None and Path(path).exists() and not Path(path).is_dir():
+        return f"{path} is a file where a folder is needed; move the file away or {_RESULTS_ADVICE}"
+    if code == errno.EISDIR:
+        return f"{where}is a folder where a file is needed; move the folder away or pass a file"
+    if code in (errno.EACCES, errno.EPERM):
+        return (f"{where}permission denied; give this user access to it, or {_RESULTS_ADVICE}")
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return f"{where}no space left (disk or quota full); free some space, or {_RESULTS_ADVICE}"
+    if code == errno.ENOENT:
+        return f"{where}no such file or folder; check the path (or re-run the stage that writes it)"
+    detail = " ".join(str(exc.strerror or exc).split())  # some libraries put newlines in messages
+    return f"{where}{detail}"

@@ -218,7 +218,7 @@ def test_prompt_that_cannot_fit_stops_with_one_line_and_writes_nothing(
     with pytest.raises(DataError) as error:
         prepare_data(config, tiny_tokenizer_dir)
     message = str(error.value)
-    assert "\n" not in message and "rrtnm" in message and "row " in message
+    assert "\n" not in message and "rrtnm" in message and "line " in message
     assert "column 'question'" in message and "data.max_length" in message
     assert not (tmp_path / "results").exists()
 
@@ -463,26 +463,27 @@ GOOD_POOL = smdis_csv([f"q{i}" for i in range(1, 13)], "ABABABABABAB")
 NRNER_HEADER = "tag,question,answer\n"
 
 BAD_INPUTS = {
-    # case: (task, test file, pool file, failing file, expected fragments)
+    # case: (task, test file, pool file, failing file, expected fragments); "line N" is the line
+    # an editor shows (the header is line 1), for data rows and parser errors alike
     "missing column": ("smdis", GOOD_TEST.replace(",answer\n", ",gold\n", 1), GOOD_POOL, "test",
                        ["header row", "column 'answer'", "missing"]),
     "unknown letter": ("smdis", smdis_csv(["q1", "q2", "q3"], "ABF"), GOOD_POOL, "test",
-                       ["row 3", "column 'answer'", "'F'", "A, B"]),
+                       ["line 4,", "column 'answer'", "'F'", "A, B"]),
     "empty answer": ("smdis", GOOD_TEST, GOOD_POOL.replace(",no,B\n", ",no,\n", 1), "all",
-                     ["row 2", "column 'answer'", "''"]),
+                     ["line 3,", "column 'answer'", "''"]),
     "empty file": ("smdis", GOOD_TEST, "", "all", ["empty file"]),
     "header only": ("smdis", HEADER, GOOD_POOL, "test", ["no data rows"]),
     "duplicate question": ("smdis", GOOD_TEST, smdis_csv(["q1", "q2", "q9", "q2"], "ABAB"), "all",
-                           ["row 4", "column 'question'", "duplicate", "row 2"]),
+                           ["line 5,", "column 'question'", "duplicate", "line 3)"]),
     "bad encoding": ("smdis", GOOD_TEST, HEADER.encode() + 'fever,"熱がある",yes,no,A\n'.encode("cp932"),
                      "all", ["line 2", "not UTF-8"]),
     "not a csv": ("smdis", GOOD_TEST, GOOD_POOL + 'fever,"q99",yes,no,A,extra,extra\n', "all",
                   ["line 14", "not a valid CSV"]),
     "option gap": ("smdis", GOOD_TEST.replace('"q2",yes,no', '"q2",,no', 1), GOOD_POOL, "test",
-                   ["row 2", "column 'optionA'", "empty option"]),
+                   ["line 3,", "column 'optionA'", "empty option"]),
     "unparsable list": ("nrner", NRNER_HEADER + "d,\"n1\",\"['fever', 'cough'\"\n",
                         NRNER_HEADER + "d,\"n2\",\"['fever']\"\n", "test",
-                        ["row 1", "column 'answer'", "not a list of strings"]),
+                        ["line 2,", "column 'answer'", "not a list of strings"]),
 }
 
 
@@ -498,6 +499,67 @@ def test_bad_input_names_file_row_column_and_writes_nothing(tmp_path, tiny_token
     assert message.startswith(str(root / failing / f"{task}.csv"))
     for fragment in fragments:
         assert fragment in message
+    assert not (tmp_path / "results").exists()
+
+
+def test_csv_lines_count_quoted_line_breaks_and_blank_lines(tmp_path, tiny_tokenizer_dir):
+    # Row 2's question spans two lines and a blank line follows: the bad answer is on line 6.
+    test = HEADER + 'fever,"q1",yes,no,A\nfever,"q2\nsecond line",yes,no,B\n\nfever,"q3",yes,no,F\n'
+    root = write_jmed(tmp_path / "jmed", "smdis", test, GOOD_POOL)
+    with pytest.raises(DataError, match=r"smdis\.csv: line 6, column 'answer': answer 'F'"):
+        prepare_data(make_config(tmp_path / "results", jmed_root=str(root)), tiny_tokenizer_dir)
+
+
+@pytest.mark.parametrize("value, fragment", [
+    (42, "a number (42) where text is expected"),
+    (True, "true/false (True) where text is expected"),
+    (["q"], "a list where text is expected"),
+    (None, "missing text"),
+    ("  ", "empty text"),
+])
+def test_a_question_that_is_not_text_says_what_it_is(tmp_path, tiny_tokenizer_dir, value, fragment):
+    rows = custom_rows("a", 4)
+    rows[1]["text"] = value
+    train = write_custom(tmp_path / "in", "jsonl", rows, "train")
+    test = write_custom(tmp_path / "in", "jsonl", custom_rows("b", 2), "test")
+    custom = {"kind": "choice", "train": str(train), "val": None, "test": str(test),
+              "fields": {"id": "uid", "question": "text", "answer": "gold", "tag": None,
+                         "options": ["yes", "no"]}}
+    with pytest.raises(DataError) as error:
+        prepare_data(make_config(tmp_path / "results", "custom", custom=custom), tiny_tokenizer_dir)
+    assert str(error.value) == f"{train}: line 2, column 'text': {fragment}" + (
+        "; write it as a string (in JSON, in quotes)" if "where text" in fragment else "")
+
+
+def overlapping_custom(folder: Path) -> dict:
+    """Custom files whose test question b1 is also in the training file (on line 3)."""
+    rows = custom_rows("a", 6)
+    rows[2]["text"] = "Is b1 even?"
+    train = write_custom(folder, "jsonl", rows, "train")
+    test = write_custom(folder, "jsonl", custom_rows("b", 3), "test")
+    return {"kind": "choice", "train": str(train), "val": None, "test": str(test),
+            "fields": {"id": "uid", "question": "text", "answer": "gold", "tag": None,
+                       "options": ["yes", "no"]}}
+
+
+def test_test_questions_in_the_training_data_are_a_warning_by_default(tmp_path, tiny_tokenizer_dir, capsys):
+    custom = overlapping_custom(tmp_path / "in")
+    out = prepare_data(make_config(tmp_path / "results", "custom", custom=custom, val_fraction=0.2),
+                       tiny_tokenizer_dir)
+    warning = capsys.readouterr().err.strip().splitlines()
+    assert warning == [f"warning: 1 train/val row repeats a test question (first: {custom['train']}: "
+                       f"line 3 = {custom['test']}: line 2); test scores will be optimistic "
+                       "(data.allow_test_overlap: false refuses this)"]
+    assert json.loads((out / "manifest.json").read_text())["test_questions_in_train_val"] == 1
+
+
+def test_test_questions_in_the_training_data_are_refused_when_not_allowed(tmp_path, tiny_tokenizer_dir):
+    custom = overlapping_custom(tmp_path / "in")
+    config = make_config(tmp_path / "results", "custom", custom=custom, val_fraction=0.2,
+                         allow_test_overlap=False)
+    with pytest.raises(DataError, match=r"^1 train/val row repeats a test question \(first: .*train\.jsonl: "
+                       r"line 3 = .*test\.jsonl: line 2\); remove them .* data\.allow_test_overlap: true"):
+        prepare_data(config, tiny_tokenizer_dir)
     assert not (tmp_path / "results").exists()
 
 
@@ -529,7 +591,8 @@ def test_cli_prints_one_error_line_and_exits_2(tmp_path, tiny_tokenizer_dir):
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "smdis.csv: line 14" in lines[0]
-    assert not (tmp_path / "results").exists()
+    written = [str(p.relative_to(tmp_path / "results")) for p in (tmp_path / "results").rglob("*") if p.is_file()]
+    assert written == [".locks/smdis/data.lock"]  # the stage's lock (scd_pipeline.locking), no data
 
 
 def test_cli_writes_the_data_directory(tmp_path, tiny_tokenizer_dir, jmed_root):

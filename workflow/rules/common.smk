@@ -1,4 +1,4 @@
-# Helpers shared by the rules: config validation, the effective config file, paths.
+# Helpers shared by the rules: config validation, the config file jobs read, paths.
 import json
 import os
 import re
@@ -34,23 +34,42 @@ def _scd_command() -> str:
 SCD = _scd_command()
 
 
-def _write_effective_config() -> str:
-    """The merged, validated config (configfile + --config) as a file the CLI reads.
+def _config_file(settings: dict) -> str:
+    """The path of the file that hands ``settings`` (configfile + --config, validated) to the CLI.
 
-    Rewritten only when its content changes, so re-running an unchanged workflow does nothing;
-    rules re-run on a change through their `params` (Snakemake's params rerun trigger).
+    The name is the sha256 of the content, so a file never changes once written: a job reads
+    exactly the settings of the Snakemake run that scheduled it, whatever another run (a dry run
+    with other --config values, say) does meanwhile. The file is written when the workflow starts
+    executing (onstart: never in a dry run) and only if absent. Rules still re-run on a change
+    through their `params` (Snakemake's params rerun trigger), not through this path.
     """
+    import hashlib
+
     import yaml
 
-    path = Path(RESULTS) / ".config" / f"{TASK}.yaml"
-    text = yaml.safe_dump(dict(config), sort_keys=True, allow_unicode=True)
-    if not path.is_file() or path.read_text(encoding="utf-8") != text:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
+    text = yaml.safe_dump(dict(settings), sort_keys=True, allow_unicode=True)
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+    path = Path(RESULTS) / ".config" / f"{digest}.yaml"
+    _CONFIG_FILES[path] = text
     return str(path)
 
 
-CONFIG_FILE = _write_effective_config()
+def _write_config_files() -> None:
+    """Write each config file a job may read, atomically, if it is not there yet."""
+    from scd_pipeline.io import atomic_path
+
+    for path, text in _CONFIG_FILES.items():
+        if not path.is_file():
+            with atomic_path(path) as tmp:
+                tmp.write_text(text, encoding="utf-8")
+
+
+_CONFIG_FILES: dict[Path, str] = {}
+CONFIG_FILE = _config_file(config)
+
+
+onstart:
+    _write_config_files()
 
 
 def settings(*keys):
