@@ -36,3 +36,12 @@ def tiny_tokenizer_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny_tokenizer")
     byte_level_tokenizer().save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_reference(tmp_path_factory):
+    """One uninterrupted run of the tiny workflow (tests/tiny_workflow.py), shared by the workflow
+    fault tests and the SLURM test; returns (its folder, when the dry run made during it ended)."""
+    from tiny_workflow import reference_run
+
+    return reference_run(tmp_path_factory.mktemp("tiny-reference"))

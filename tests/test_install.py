@@ -4,6 +4,7 @@ run from an empty folder that is not the repository."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,11 +14,29 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 
+def tracked_copy(destination: Path) -> Path:
+    """The checkout's tracked files (links kept as links): the wheel is built from the sources, as
+    in a fresh clone, never from a stale build/ folder that a checkout happens to hold."""
+    listed = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z"], check=True,
+                            capture_output=True, text=True).stdout.split("\0")
+    for name in filter(None, listed):
+        source, copy = REPO / name, destination / name
+        if not source.exists() and not source.is_symlink():
+            continue  # deleted in the working tree, not yet committed
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_symlink():
+            copy.symlink_to(os.readlink(source))
+        else:
+            shutil.copy2(source, copy)
+    return destination
+
+
 def test_a_wheel_install_runs_from_an_empty_folder(tmp_path):
     wheels, target, work = tmp_path / "wheels", tmp_path / "site", tmp_path / "empty"
     work.mkdir()
+    source = tracked_copy(tmp_path / "source")
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(REPO)],
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(source)],
                    check=True, capture_output=True, timeout=300)
     (wheel,) = wheels.glob("scd_pipeline-*.whl")
     subprocess.run([*pip, "install", "--no-deps", "--target", str(target), str(wheel)], check=True,

@@ -8,8 +8,8 @@ checkpoints, one distilled student: scd_aw).
   advises (--unlock, --rerun-incomplete, wait for the running writer), ends with the artifacts of
   an uninterrupted run: weights bit for bit, cache columns, schedules, metrics, summary.
 
-Both compare against one uninterrupted reference run (module fixture; the dry run happens during
-it). Most of the time is the 16 jobs' Python start-up (torch, transformers), paid by the reference
+Both compare against one uninterrupted reference run (the session fixture ``tiny_reference``; the
+dry run happens during it). Most of the time is the 16 jobs' Python start-up (torch, transformers), paid by the reference
 run, again by the interrupted one and by each restart: about 14 minutes measured on 2 cores shared
 with other work (load 4.5), roughly half that on idle ones. `pytest -m "not workflow"` skips it.
 """
@@ -23,45 +23,19 @@ import random
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from test_slurm import tiny_workflow_config
+from tiny_workflow import ENV, end_group, snakemake, start, tiny_workflow_config
 
 pytestmark = pytest.mark.workflow
 
-REPO = Path(__file__).resolve().parents[1]
-SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 KILL_SEED = 13
 KILLS = 6  # alternately the Snakemake process alone and its whole process group
 HELD = re.compile(r"is being written by pid (\d+)")
-
-
-def workflow_config(root: Path) -> Path:
-    path = tiny_workflow_config(root)
-    config = yaml.safe_load(path.read_text())
-    config["distill"]["methods"] = ["scd_aw"]  # the scheduled + weighted method; one is enough here
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def snakemake(workdir: Path, *extra: str) -> list[str]:
-    # Two one-thread jobs at a time: the jobs are mostly Python start-up, which does not thread.
-    return [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--configfile",
-            str(REPO / "config.yaml"), str(workdir / "tiny.yaml"), "--cores", "2", "--max-threads", "1",
-            *extra]
-
-
-def start(workdir: Path, *extra: str, log: str) -> subprocess.Popen:
-    """Snakemake in a new process group (its jobs inherit it), output to ``workdir/log``."""
-    with open(workdir / log, "w") as out:
-        return subprocess.Popen(snakemake(workdir, *extra), stdout=out, stderr=subprocess.STDOUT,
-                                env=ENV, start_new_session=True)
 
 
 def alive(pid: int) -> bool:
@@ -85,13 +59,6 @@ def jobs_in_group(pgid: int) -> list[tuple[int, str]]:
         if int(fields[2]) == pgid and any(arg.endswith("/scd-pipeline") for arg in argv[:2]):  # not the shell
             found.append((int(stat.parent.name), cmdline.split("scd-pipeline", 1)[1].strip()))
     return found
-
-
-def end_group(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 # --- what an interruption must not change -----------------------------------------------------------
@@ -147,29 +114,10 @@ def fingerprint(results: Path) -> dict[str, object]:
 
 # --- the uninterrupted run, with a dry run of other settings made meanwhile -------------------------
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("reference")
-    workflow_config(workdir)
-    run = start(workdir, log="run.log")
-    try:
-        manifest = workdir / "results/demo/data/manifest.json"
-        while not manifest.exists() and run.poll() is None:
-            time.sleep(0.1)
-        # Data is prepared with seed 0; teacher SFT and everything after it are still to run.
-        dry = subprocess.run(snakemake(workdir, "-n", "--config", "seed=7"), capture_output=True, text=True,
-                             env=ENV, timeout=300)
-        dry_run_ended = time.time()
-        assert dry.returncode == 0, dry.stdout[-3000:] + dry.stderr[-3000:]
-        run.wait(timeout=1200)
-    finally:
-        end_group(run.pid)
-    assert run.returncode == 0, (workdir / "run.log").read_text()[-4000:]
-    return workdir, dry_run_ended
+# --- the uninterrupted run, with a dry run of other settings made meanwhile -------------------------
 
-
-def test_jobs_read_the_config_of_their_run_not_a_later_dry_runs(reference):
-    workdir, dry_run_ended = reference
+def test_jobs_read_the_config_of_their_run_not_a_later_dry_runs(tiny_reference):
+    workdir, dry_run_ended = tiny_reference
     results = workdir / "results"
     effective = sorted(results.rglob("*.config.yaml"))  # each stage writes the config it ran with
     seeds = {str(p.relative_to(results)): yaml.safe_load(p.read_text())["seed"] for p in effective}
@@ -180,7 +128,7 @@ def test_jobs_read_the_config_of_their_run_not_a_later_dry_runs(reference):
 
 
 def test_a_dry_run_writes_nothing(tmp_path):
-    workflow_config(tmp_path)
+    tiny_workflow_config(tmp_path)
     dry = subprocess.run(snakemake(tmp_path, "-n", "-p"), capture_output=True, text=True, env=ENV, timeout=300)
     assert dry.returncode == 0, dry.stderr[-3000:]
     paths = set(re.findall(r"--config (results/\.config/[0-9a-f]{16}\.yaml)", dry.stdout + dry.stderr))
@@ -190,7 +138,7 @@ def test_a_dry_run_writes_nothing(tmp_path):
 
 # --- killed at random points ------------------------------------------------------------------------
 
-def test_killed_workflow_resumes_to_the_artifacts_of_an_uninterrupted_run(reference, tmp_path):
+def test_killed_workflow_resumes_to_the_artifacts_of_an_uninterrupted_run(tiny_reference, tmp_path):
     rng = random.Random(KILL_SEED)
     # Kill points spread over the DAG: a seeded delay after the n-th job of the workflow has
     # started (n drawn from its ~16 jobs), so a kill lands inside that job or soon after it.
@@ -200,7 +148,7 @@ def test_killed_workflow_resumes_to_the_artifacts_of_an_uninterrupted_run(refere
             for i, n in enumerate(ordinals)]
     workdir = tmp_path / "faults"
     workdir.mkdir()
-    workflow_config(workdir)
+    tiny_workflow_config(workdir)
     flags: list[str] = []
     groups: list[int] = []
     history: list[str] = []
@@ -252,7 +200,7 @@ def test_killed_workflow_resumes_to_the_artifacts_of_an_uninterrupted_run(refere
 
     kills = [h for h in history if h.startswith("killed")]
     assert len(kills) >= 5, history
-    expected = fingerprint(reference[0] / "results")
+    expected = fingerprint(tiny_reference[0] / "results")
     got = fingerprint(workdir / "results")
     differing = sorted(key for key in expected.keys() | got.keys() if expected.get(key) != got.get(key))
     assert not differing, f"differs from the uninterrupted run after {history}: {differing}"
