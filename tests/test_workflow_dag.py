@@ -95,3 +95,18 @@ def test_distill_names_may_have_slash_separated_segments(tmp_path):
         with pytest.raises(ConfigError, match="--name") as caught:
             distill_paths(config, bad)
         assert "\n" not in str(caught.value)
+
+
+def test_several_gpus_launch_training_with_one_process_per_gpu(tmp_path):
+    _, shells = dry_run(tmp_path / "ddp", "resources={gpus: 2}")
+    training = [s for s in shells if " sft --role " in s or " distill --method " in s]
+    assert len(training) == 2 + 2  # teacher, student; td, scd_aw
+    assert all("accelerate launch --multi_gpu --num_processes 2 --num_machines 1 -m scd_pipeline" in s
+               for s in training)
+    others = [s for s in shells if " cache-logits " in s or " evaluate " in s]
+    assert others and not any("accelerate" in s for s in others)  # one process each
+    _, shells = dry_run(tmp_path / "fsdp", "resources={gpus: 4, accelerate_config: workflow/accelerate/fsdp.yaml}")
+    assert any("launch --config_file workflow/accelerate/fsdp.yaml --num_processes 4" in s and " sft " in s
+               for s in shells)
+    _, shells = dry_run(tmp_path / "one", "resources={gpus: 1}")
+    assert not any("accelerate" in s for s in shells)

@@ -34,6 +34,30 @@ def _scd_command() -> str:
 SCD = _scd_command()
 
 
+def _train_command() -> str:
+    """How the training rules (SFT, distillation) call the package.
+
+    One process per job (``SCD``) unless ``resources.gpus`` > 1: then ``accelerate launch`` starts
+    one process per GPU (DDP), or, with ``resources.accelerate_config``, whatever that accelerate
+    config file sets up (e.g. FSDP for a teacher that does not fit one GPU; see the README).
+    """
+    if GPUS <= 1:
+        return SCD
+    from snakemake.settings.types import DeploymentMethod
+
+    prefix = ""
+    launcher = Path(sys.executable).parent / "accelerate"
+    launcher = str(launcher) if launcher.exists() else "accelerate"
+    if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method:
+        prefix, launcher = f"PYTHONPATH={workflow.basedir}${{PYTHONPATH:+:$PYTHONPATH}} ", "accelerate"
+    setup = config["resources"]["accelerate_config"]
+    how = f"--config_file {setup}" if setup else "--multi_gpu"
+    return f"{prefix}{launcher} launch {how} --num_processes {GPUS} --num_machines 1 -m scd_pipeline"
+
+
+TRAIN = _train_command()
+
+
 def _config_file(settings: dict) -> str:
     """The path of the file that hands ``settings`` (configfile + --config, validated) to the CLI.
 

@@ -51,5 +51,5 @@ rule distill:
         runtime=480,
         gpu=GPUS,
     shell:
-        "OMP_NUM_THREADS={threads} {SCD} distill --method '{params.method}' --name '{wildcards.student}' "
+        "OMP_NUM_THREADS={threads} {TRAIN} distill --method '{params.method}' --name '{wildcards.student}' "
         "--task {params.task} --config {CONFIG_FILE} --set seed={params.seed} > {log} 2>&1"

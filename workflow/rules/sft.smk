@@ -26,7 +26,7 @@ rule sft_teacher:
         runtime=480,
         gpu=GPUS,
     shell:
-        "OMP_NUM_THREADS={threads} {SCD} sft --role teacher --task {params.task} --config {CONFIG_FILE} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} {TRAIN} sft --role teacher --task {params.task} --config {CONFIG_FILE} > {log} 2>&1"
 
 
 rule sft_student:
@@ -50,4 +50,4 @@ rule sft_student:
         runtime=480,
         gpu=GPUS,
     shell:
-        "OMP_NUM_THREADS={threads} {SCD} sft --role student --task {params.task} --config {CONFIG_FILE} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} {TRAIN} sft --role student --task {params.task} --config {CONFIG_FILE} > {log} 2>&1"
