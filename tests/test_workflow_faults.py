@@ -114,8 +114,6 @@ def fingerprint(results: Path) -> dict[str, object]:
 
 # --- the uninterrupted run, with a dry run of other settings made meanwhile -------------------------
 
-# --- the uninterrupted run, with a dry run of other settings made meanwhile -------------------------
-
 def test_jobs_read_the_config_of_their_run_not_a_later_dry_runs(tiny_reference):
     workdir, dry_run_ended = tiny_reference
     results = workdir / "results"
@@ -125,6 +123,18 @@ def test_jobs_read_the_config_of_their_run_not_a_later_dry_runs(tiny_reference):
     after = [p for p in effective if p.stat().st_mtime > dry_run_ended]
     assert after, "no stage ran after the dry run: the race was not exercised"
     assert len(list((results / ".config").iterdir())) == 1  # the dry run wrote no config file
+
+
+def test_adding_a_method_plans_only_that_method(tiny_reference):
+    # A distillation job's params leave out distill.methods: listing one more method trains and
+    # evaluates that one, keeps the students already there, and rewrites the report.
+    workdir, _ = tiny_reference
+    dry = subprocess.run(snakemake(workdir, "-n", "--config", "distill={methods: [scd_aw, td]}"),
+                         capture_output=True, text=True, env=ENV, timeout=300)
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    planned = dict(re.findall(r"^(\w+)\s+(\d+)$", dry.stdout, flags=re.M))
+    assert planned == {"all": "1", "distill": "1", "evaluate": "1", "report": "1", "total": "4"}, dry.stdout
+    assert "students/td" in dry.stdout and "students/scd_aw" not in dry.stdout
 
 
 def test_a_dry_run_writes_nothing(tmp_path):

@@ -96,12 +96,25 @@ onstart:
     _write_config_files()
 
 
-def settings(*keys):
-    """The config values a rule depends on, as one stable string (its params rerun trigger)."""
+def settings(*keys, exclude=()):
+    """The config values a rule depends on, as one stable string (its params rerun trigger).
+
+    ``exclude``: dotted keys inside ``keys`` that do not change the rule's result (e.g. the list
+    of methods for one distillation job: adding a method must not re-run the others).
+    """
+    import copy
+
     picked = {}
     for key in keys:
         node = config
         for part in key.split("."):
             node = node[part]
-        picked[key] = node
+        picked[key] = copy.deepcopy(node)
+    for key in exclude:
+        *parents, leaf = key.split(".")
+        node = picked
+        for part in parents:
+            node = node.get(part, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(leaf, None)
     return json.dumps(picked, sort_keys=True)

@@ -36,7 +36,7 @@ rule distill:
         student="|".join(re.escape(name) for name in STUDENTS),
     params:
         task=TASK,
-        settings=settings("seed", "distill", "subdomains", "cache.temperature"),
+        settings=settings("seed", "distill", "subdomains", "cache.temperature", exclude=["distill.methods"]),
         method=lambda wildcards: STUDENTS[wildcards.student][0],
         seed=lambda wildcards: STUDENTS[wildcards.student][1],
     conda:
