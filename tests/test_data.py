@@ -22,6 +22,7 @@ import pytest
 from typer.testing import CliRunner
 
 from scd_pipeline import data as data_stage
+from scd_pipeline import splits
 from scd_pipeline.cli import app
 from scd_pipeline.config import load_config
 from scd_pipeline.data import (
@@ -683,9 +684,9 @@ class socket_closed_port:
 def test_plain_prompt_without_chat_template(tiny_tokenizer_dir):
     tokenizer = load_tokenizer(tiny_tokenizer_dir)
     tokenizer.chat_template = None
-    render = data_stage.make_prompt_renderer(tokenizer, "Be brief.")
+    render = splits.make_prompt_renderer(tokenizer, "Be brief.")
     assert render("Q?") == "Be brief.\n\nQ?\nAnswer: "
-    assert data_stage.end_of_turn_id(tokenizer) == tokenizer.eos_token_id
+    assert splits.end_of_turn_id(tokenizer) == tokenizer.eos_token_id
 
 
 def test_system_prompt_is_folded_when_the_template_rejects_it(tiny_tokenizer_dir):
@@ -695,6 +696,6 @@ def test_system_prompt_is_folded_when_the_template_rejects_it(tiny_tokenizer_dir
         "{{ raise_exception('System role not supported') }}{% endif %}"
         "{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-    render = data_stage.make_prompt_renderer(tokenizer, "Be brief.")
+    render = splits.make_prompt_renderer(tokenizer, "Be brief.")
     assert render("Q?") == "<|im_start|>user\nBe brief.\n\nQ?<|im_end|>\n<|im_start|>assistant\n"
-    assert data_stage.end_of_turn_id(tokenizer) == tokenizer.convert_tokens_to_ids(END)
+    assert splits.end_of_turn_id(tokenizer) == tokenizer.convert_tokens_to_ids(END)
