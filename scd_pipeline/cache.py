@@ -6,6 +6,7 @@ from scd_pipeline.batching import read_split
 from scd_pipeline.checkpoints import checkpoint_entry, read_checkpoints
 from scd_pipeline.config import task_dir, write_effective_config
 from scd_pipeline.logit_cache import (
+    SYNTHETIC,
     cache_path,
     checkpoint_identity,
     dataset_fingerprint_for,
@@ -14,11 +15,12 @@ from scd_pipeline.logit_cache import (
 from scd_pipeline.tokenization import check_data_tokenizer, tokenizer_fingerprint
 
 
-def cache_logits(config: dict, checkpoint: int) -> dict:
-    """Cache teacher checkpoint ``checkpoint`` over split ``cache.split``.
+def cache_logits(config: dict, checkpoint: int, synthetic: bool = False) -> dict:
+    """Cache teacher checkpoint ``checkpoint`` over split ``cache.split`` (or, ``synthetic``, over
+    IOA's ``data/synthetic.parquet``).
 
-    Writes ``{task_dir}/logits/ckpt-{k}.parquet`` + ``.meta.json`` and the effective config;
-    returns the sidecar record plus ``path``.
+    Writes ``{task_dir}/logits/ckpt-{k}.parquet`` (``logits/synthetic/ckpt-{k}.parquet``) +
+    ``.meta.json`` and the effective config; returns the sidecar record plus ``path``.
     """
     from scd_pipeline.models import load_model
 
@@ -27,7 +29,7 @@ def cache_logits(config: dict, checkpoint: int) -> dict:
     teacher_dir = root / "teacher"
     entry = checkpoint_entry(read_checkpoints(teacher_dir), checkpoint)
     checkpoint_dir = teacher_dir / entry["path"]
-    split = settings["split"]
+    split = SYNTHETIC if synthetic else settings["split"]
     frame = read_split(root / "data" / f"{split}.parquet")
     fingerprint, source = dataset_fingerprint_for(root / "data", split)
     model, tokenizer = load_model(checkpoint_dir)
@@ -35,7 +37,7 @@ def cache_logits(config: dict, checkpoint: int) -> dict:
     identity = {"task": config["task"], "split": split, "dataset_fingerprint": fingerprint,
                 "dataset_fingerprint_source": source, "tokenizer": tokenizer_fingerprint(tokenizer),
                 "checkpoint": checkpoint_identity(checkpoint_dir, checkpoint)}
-    out = cache_path(root, checkpoint)
+    out = cache_path(root, checkpoint, synthetic)
     meta = write_logit_cache(model, tokenizer, frame, out, identity, top_k=settings["top_k"],
                              dtype=settings["dtype"], temperature=settings["temperature"],
                              batch_size=settings["batch_size"], rows_per_group=settings["rows_per_group"],

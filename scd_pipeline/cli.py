@@ -209,6 +209,9 @@ def cache_logits_command(
         help="Samples per teacher forward (default: config cache.batch_size).", show_default=False)] = None,
     split: Annotated[str | None, typer.Option(
         help="Split to cache: train, val or test (default: config cache.split).", show_default=False)] = None,
+    synthetic: Annotated[bool, typer.Option(
+        "--synthetic", help="Cache IOA's teacher-written items (data/synthetic.parquet, from `synthesize`) "
+        "instead of the split: logits/synthetic/ckpt-K.parquet.")] = False,
     config: ConfigOption = None,
     results_dir: ResultsOption = None,
     set_: SetOption = None,
@@ -221,8 +224,8 @@ def cache_logits_command(
                               "cache.batch_size": batch_size, "cache.split": split})
         from scd_pipeline.cache import cache_logits
 
-        with stage_lock("cache-logits", cfg, checkpoint=checkpoint):
-            meta = cache_logits(cfg, checkpoint)
+        with stage_lock("cache-logits", cfg, checkpoint=checkpoint, synthetic=synthetic):
+            meta = cache_logits(cfg, checkpoint, synthetic)
     except ScdError as exc:
         _fail(str(exc))
     typer.echo(f"wrote {meta['path']}: {meta['rows']} samples, {meta['tokens']} completion tokens, "
@@ -266,6 +269,9 @@ def estimate_subdomains_command(
         "subdomains.probe_size).", show_default=False)] = None,
     batch_size: Annotated[int | None, typer.Option(
         help="Samples per student forward (default: config cache.batch_size).", show_default=False)] = None,
+    synthetic: Annotated[bool, typer.Option(
+        "--synthetic", help="The same table for IOA's synthetic items (their caches logits/synthetic/): "
+        "subdomains-synthetic.parquet + .json, AW of those rows for +aw curricula.")] = False,
     config: ConfigOption = None,
     results_dir: ResultsOption = None,
     set_: SetOption = None,
@@ -277,10 +283,13 @@ def estimate_subdomains_command(
                            **{"subdomains.probe_size": probe_size, "cache.batch_size": batch_size})
         from scd_pipeline.subdomains import estimate_subdomains
 
-        with stage_lock("estimate-subdomains", cfg):
-            summary = estimate_subdomains(cfg)
+        with stage_lock("estimate-subdomains", cfg, synthetic=synthetic):
+            summary = estimate_subdomains(cfg, synthetic)
     except ScdError as exc:
         _fail(str(exc))
+    if synthetic:
+        typer.echo(f"wrote {', '.join(summary['paths'])}: {summary['samples']} synthetic items")
+        return
     loss = summary["loss"]
     typer.echo(f"wrote {', '.join(summary['paths'])}: SFS share {summary['sfs_share']:.3f}; loss gap "
                f"S-T* {loss['gap']:+.4f} = SFS {loss['advantage_sfs']:+.4f} + TFS {loss['deficit_tfs']:+.4f}; "
@@ -406,6 +415,68 @@ def report_command(
         typer.echo(f"missing plot: {line}")
 
 
+@app.command("ioa-plan")
+def ioa_plan_command(
+    task: TaskOption = None,
+    tau_gap: Annotated[float | None, typer.Option(
+        help="A module is deficient when (P_T - P_S) / P_T exceeds this (default: config ioa.tau_gap).",
+        show_default=False)] = None,
+    tau_zpd: Annotated[float | None, typer.Option(
+        help="Zone of proximal development: the largest drop in mean P_S from one stage to the next, as "
+        "a share of the earlier stage's (default: config ioa.tau_zpd).", show_default=False)] = None,
+    config: ConfigOption = None,
+    results_dir: ResultsOption = None,
+    set_: SetOption = None,
+) -> None:
+    """IOA's Identifier and Organizer: score T* and the SFT student per knowledge module on the
+    validation split, mark deficient modules and order them into stages: {results_dir}/{task}/ioa/
+    plan.json + val_scores.parquet."""
+    try:
+        cfg = build_config(config, set_, task=task, results_dir=str(results_dir) if results_dir else None,
+                           **{"ioa.tau_gap": tau_gap, "ioa.tau_zpd": tau_zpd})
+        from scd_pipeline.ioa import plan_curriculum
+
+        with stage_lock("ioa-plan", cfg):
+            plan = plan_curriculum(cfg)
+    except ScdError as exc:
+        _fail(str(exc))
+    stages = " | ".join(", ".join(unit["unit"] for unit in stage["units"]) for stage in plan["stages"])
+    typer.echo(f"wrote {', '.join(plan['paths'])}: {len(plan['modules'])} modules ({plan['basis']}), "
+               f"deficient: {', '.join(plan['deficient']) or 'none'}; stages: {stages}")
+
+
+@app.command("synthesize")
+def synthesize_command(
+    task: TaskOption = None,
+    per_prompt: Annotated[int | None, typer.Option(
+        help="Items the teacher samples from each few-shot prompt (default: config "
+        "ioa.synthesis.per_prompt).", show_default=False)] = None,
+    max_items_per_module: Annotated[int | None, typer.Option(
+        help="Kept items per deficient module (default: config ioa.synthesis.max_items_per_module).",
+        show_default=False)] = None,
+    config: ConfigOption = None,
+    results_dir: ResultsOption = None,
+    set_: SetOption = None,
+) -> None:
+    """IOA's Adapter: T* writes remedial, standard and bridging items for every deficient module of
+    ioa/plan.json, answers them, and keeps those that parse, that it is confident of and that are no
+    near-duplicate of a validation or test row: {results_dir}/{task}/data/synthetic.parquet +
+    ioa/synthesis.json. Resumes a killed run from {task}/.state/synthesize/."""
+    try:
+        cfg = build_config(config, set_, task=task, results_dir=str(results_dir) if results_dir else None,
+                           **{"ioa.synthesis.per_prompt": per_prompt,
+                              "ioa.synthesis.max_items_per_module": max_items_per_module})
+        from scd_pipeline.synthesize import synthesize
+
+        with stage_lock("synthesize", cfg):
+            summary = synthesize(cfg)
+    except ScdError as exc:
+        _fail(str(exc))
+    rejected = ", ".join(f"{reason} {count}" for reason, count in summary["rejected"].items() if count)
+    typer.echo(f"wrote {', '.join(summary['paths'])}: {summary['generated']} generated, {summary['kept']} kept"
+               + (f"; rejected: {rejected}" if rejected else ""))
+
+
 class Weighting(str, Enum):
     none = "none"
     aw = "aw"
@@ -416,8 +487,8 @@ class Weighting(str, Enum):
 def distill_command(
     method: Annotated[str, typer.Option(
         help="td (T* every phase), cd (checkpoint k in phase k), scd (scheduled: argmin KL(T*||c) + "
-        "KL(S||c) per phase), scd_aw (scd + adaptive weight) or taid; suffixes +aw / +paced allowed, "
-        "e.g. td+paced.")],
+        "KL(S||c) per phase), scd_aw (scd + adaptive weight), taid, or ioa (IOA's mastery-gated "
+        "curriculum with T* targets); suffixes +aw / +paced / +ioa allowed, e.g. td+paced, scd_aw+ioa.")],
     weighting: Annotated[Weighting | None, typer.Option(
         help="Per-sample weighting added to the method: none, aw (KD weight L_S^SFT/(L_S^SFT+L_c*)) "
         "or paced (p(1-p) on the loss).", show_default=False)] = None,
@@ -473,7 +544,7 @@ def distill_command(
 
 # --help lists the stages in pipeline order, whatever order they are defined in above.
 PIPELINE_ORDER = ("init", "prepare-model", "prepare-data", "sft", "cache-logits", "cache-info",
-                  "estimate-subdomains", "distill", "evaluate", "report")
+                  "estimate-subdomains", "ioa-plan", "synthesize", "distill", "evaluate", "report")
 app.registered_commands.sort(key=lambda command: PIPELINE_ORDER.index(command.name))
 
 

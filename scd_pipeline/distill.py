@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import functools
 import json
+import math
+import random
 import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -50,9 +52,22 @@ from torch import Tensor
 from scd_pipeline.batching import Batch, read_split
 from scd_pipeline.checkpoints import checkpoint_indices, read_checkpoints
 from scd_pipeline.config import task_dir, write_effective_config
+from scd_pipeline.curriculum import (
+    ADVANCE,
+    REMEDIAL,
+    VAL_SCORES_FILE,
+    dependency_strength,
+    ioa_dir,
+    mastery_decision,
+    mastery_ratio,
+    member_of,
+    read_plan,
+    replay_count,
+    row_members,
+)
 from scd_pipeline.errors import ConfigError, DataError, ModelError
 from scd_pipeline.io import atomic_dir, read_json, sha256_file, sha256_text, write_json
-from scd_pipeline.logit_cache import LogitCache, cache_path, open_task_cache
+from scd_pipeline.logit_cache import CacheUnion, LogitCache, cache_path, open_task_cache
 from scd_pipeline.losses import SparseTarget, Taid, get_divergence, per_sample_mean
 from scd_pipeline.methods import Method, default_name, parse_method
 from scd_pipeline.models import is_model_dir
@@ -65,7 +80,7 @@ from scd_pipeline.schedules import (
     student_cache_kl,
     td_schedule,
 )
-from scd_pipeline.scoring import PassRule, forward_batches, pass_rates
+from scd_pipeline.scoring import PassRule, forward_batches, pass_rates, predict_split
 from scd_pipeline.training import (
     LOG_FILE,
     LoopContext,
@@ -83,6 +98,8 @@ from scd_pipeline.training import (
 from scd_pipeline.weighting import combine, paced_weight
 
 SCHEDULE_FILE = "schedule.json"
+CURRICULUM_FILE = "curriculum.json"
+SYNTHETIC_FILE = "synthetic.parquet"  # IOA's teacher-written items, under data/
 TAID_STATE_FILE = "taid_state.json"
 AVERAGE = "average"  # the "checkpoint" of a phase that distils from the logit average of all
 # Divergence keyword -> distill config key, per divergence that takes options.
@@ -206,6 +223,20 @@ class DistillPaths:
     output: Path        # results/{task}/students/{name}
     state: Path         # results/{task}/.state/distill-{name, '/' as '--'}
 
+    @property
+    def synthetic(self) -> Path:
+        """IOA's teacher-written items (``scd-pipeline synthesize``)."""
+        return self.data / SYNTHETIC_FILE
+
+    @property
+    def synthetic_subdomains(self) -> Path:
+        """AW's weights of the synthetic items (``estimate-subdomains --synthetic``)."""
+        return self.subdomains.with_name("subdomains-synthetic.parquet")
+
+    @property
+    def synthetic_summary(self) -> Path:
+        return self.subdomains.with_name("subdomains-synthetic.json")
+
 
 def distill_paths(config: dict, name: str) -> DistillPaths:
     """Where a distillation run named ``name`` reads and writes. ``name`` is a plain folder name or
@@ -223,7 +254,8 @@ def distill_paths(config: dict, name: str) -> DistillPaths:
 
 
 def require_inputs(config: dict, paths: DistillPaths, method: Method, checkpoints: dict, needed: Sequence[int]) -> None:
-    """Refuse, before any model is loaded, a missing input, naming the command that makes it."""
+    """Refuse, before any model is loaded, a missing input, naming the command that makes it
+    (a curriculum method also reads IOA's plan, the synthetic items, their caches and weights)."""
     if not is_model_dir(paths.init):
         init = config["distill"]["init"]
         command = ("scd-pipeline prepare-model --role student" if init == "base"
@@ -238,11 +270,20 @@ def require_inputs(config: dict, paths: DistillPaths, method: Method, checkpoint
         if not cache_path(paths.data.parent, index).is_file():
             raise DataError(f"{cache_path(paths.data.parent, index)}: teacher-logit cache not found (run "
                             f"`scd-pipeline cache-logits --checkpoint {index}`)")
+    needs = []
     if method.needs_subdomains:
-        for path in (paths.subdomains, paths.summary):
-            if not path.is_file():
-                raise DataError(f"{path}: not found; {method.name} reads it (run `scd-pipeline "
-                                "estimate-subdomains` first)")
+        needs += [(path, "estimate-subdomains") for path in (paths.subdomains, paths.summary)]
+    if method.curriculum:
+        needs += [(ioa_dir(config) / "plan.json", "ioa-plan"), (ioa_dir(config) / VAL_SCORES_FILE, "ioa-plan"),
+                  (paths.synthetic, "synthesize")]
+        needs += [(cache_path(paths.data.parent, index, synthetic=True), f"cache-logits --synthetic --checkpoint {index}")
+                  for index in needed]
+        if method.needs_subdomains:
+            needs += [(path, "estimate-subdomains --synthetic")
+                      for path in (paths.synthetic_subdomains, paths.synthetic_summary)]
+    for path, command in needs:
+        if not path.is_file():
+            raise DataError(f"{path}: not found; {method.name} reads it (run `scd-pipeline {command}` first)")
 
 
 def check_cache_covers(cache: LogitCache, frame: pd.DataFrame) -> None:
@@ -265,16 +306,25 @@ class Subdomains:
     aw: dict[int, np.ndarray]  # checkpoint -> AW per training row (row order of the split)
 
 
-def read_subdomains(paths: DistillPaths, frame: pd.DataFrame, caches: Mapping[int, LogitCache]) -> Subdomains:
+def read_subdomains(paths: DistillPaths, frame: pd.DataFrame, caches: Mapping[int, LogitCache],
+                    synthetic_caches: Mapping[int, LogitCache] | None = None) -> Subdomains:
     """SCD's probe ids and KL(T* || c), AW per row and checkpoint; refused when they were computed
-    from other caches or other data than the ones this run reads."""
+    from other caches or other data than the ones this run reads. With ``synthetic_caches`` (IOA)
+    the synthetic items' weights come from ``subdomains-synthetic.*``."""
+    parts = [(paths.summary, paths.subdomains, caches, "estimate-subdomains")]
+    if synthetic_caches:
+        parts.append((paths.synthetic_summary, paths.synthetic_subdomains, synthetic_caches,
+                      "estimate-subdomains --synthetic"))
+    tables = []
+    for summary_path, table_path, part, command in parts:
+        recorded = {int(k): v.get("uid") for k, v in read_json(summary_path).get("caches", {}).items()}
+        for index, cache in part.items():
+            if recorded.get(index) != cache.meta["uid"]:
+                raise DataError(f"{summary_path}: computed from another cache of checkpoint {index} than "
+                                f"{cache.path}; re-run `scd-pipeline {command}`")
+        tables.append(pd.read_parquet(table_path))
     summary = read_json(paths.summary)
-    recorded = {int(k): v.get("uid") for k, v in summary.get("caches", {}).items()}
-    for index, cache in caches.items():
-        if recorded.get(index) != cache.meta["uid"]:
-            raise DataError(f"{paths.summary}: computed from another cache of checkpoint {index} than "
-                            f"{cache.path}; re-run `scd-pipeline estimate-subdomains`")
-    table = pd.read_parquet(paths.subdomains).set_index("sample_id")
+    table = pd.concat(tables, ignore_index=True).set_index("sample_id")
     missing = ~frame["sample_id"].isin(table.index)
     if missing.any():
         raise DataError(f"{paths.subdomains}: no row for sample {frame['sample_id'][missing].iat[0]} of the "
@@ -317,12 +367,17 @@ class DistillRecipe(Recipe):
     def next_phase(self, ctx: LoopContext, index: int) -> Phase | None:
         if index == self.n_phases:
             return None
+        return Phase(self.settings["epochs_per_phase"], record=self.checkpoint_record(ctx, index))
+
+    def checkpoint_record(self, ctx: LoopContext, index: int) -> dict:
+        """Phase ``index``'s teacher checkpoint: the fixed schedule's, or SCD's choice now (with
+        both KL terms of every candidate)."""
         if self.schedule is not None:
-            return Phase(self.settings["epochs_per_phase"], record={"checkpoint": self.schedule[index]})
+            return {"checkpoint": self.schedule[index]}
         kl_student = ctx.no_grad(lambda: student_to_checkpoint_kl(
             ctx.model, self.probe, self.caches, self.config["cache"]["batch_size"], ctx.tokenizer.pad_token_id))
         chosen, candidates = scd_choose(self.subdomains.kl_best_to_c, kl_student)
-        return Phase(self.settings["epochs_per_phase"], record={"checkpoint": chosen, "candidates": candidates})
+        return {"checkpoint": chosen, "candidates": candidates}
 
     def epoch_start(self, ctx: LoopContext, phase: int, epoch: int) -> None:
         if self.method.paced:
@@ -408,23 +463,204 @@ class DistillRecipe(Recipe):
             write_effective_config(self.config, tmp, "distill")
 
 
+# --------------------------------------------------------------------------- the IOA curriculum
+
+
+@dataclass
+class CurriculumData:
+    """What a curriculum run reads besides the training split (``ioa-plan``, ``synthesize``)."""
+
+    plan: dict
+    units: np.ndarray          # curriculum unit (module or half) of every frame row
+    registers: np.ndarray      # "" for training rows, else remedial | standard | bridging
+    val: pd.DataFrame          # validation rows scored at every gate (val_scores order)
+    val_units: np.ndarray
+    teacher_scores: dict[str, float]  # P_T per unit (validation)
+    synthetic_rows: int
+
+
+class CurriculumRecipe(DistillRecipe):
+    """IOA's curriculum over any schedule and weighting (SPEC 4.6, :mod:`scd_pipeline.curriculum`).
+
+    Each phase is one *pass* over a stage: the first pass trains on the stage's units (training
+    rows and their ``standard`` synthetic items, plus the previous stage's ``bridging`` items); a
+    remedial pass on the stage's units below mastery (their rows plus ``remedial`` and
+    ``standard`` items). Either adds ``ioa.replay_share`` of rows replayed from earlier stages (a
+    remedial pass also from the stage's mastered units), seeded by stage and pass. After every
+    pass the live student is scored on the validation split (the one scoring path) and the mastery
+    gate decides (advance, remedial, advance unmastered after ``ioa.max_remedial``); training ends
+    after the last stage's gate. The phase's checkpoint follows the schedule: T* (td), SCD's
+    choice at the pass start (scd), or for cd stage s of S distils from checkpoint ceil(s N / S).
+    ``curriculum.json`` records every pass, score and decision, and the dependency strengths
+    measured across the passes (IOA's conditional-performance definition).
+    """
+
+    def __init__(self, *args, curriculum: CurriculumData, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.curriculum = curriculum
+        self.ioa = self.config["ioa"]
+        self.stages = [[unit["unit"] for unit in stage["units"]] for stage in curriculum.plan["stages"]]
+        self.checkpoints = sorted(self.caches)
+
+    def start(self, ctx: LoopContext) -> None:
+        super().start(ctx)
+        ctx.state.setdefault("curriculum", {"stage": 0, "remedial": 0, "weak": None, "passes": []})
+
+    # -- the gate
+    def gate_scores(self, ctx: LoopContext) -> dict[str, float]:
+        """The live student's P_S per unit on the validation rows."""
+        predictions = ctx.no_grad(lambda: predict_split(
+            ctx.model, ctx.tokenizer, self.curriculum.val, self.config["evaluate"]["batch_size"],
+            self.config["evaluate"]["max_new_tokens"], where="validation split (mastery gate)"))
+        scores = predictions["score"].groupby(self.curriculum.val_units).mean()
+        return {str(unit): float(value) for unit, value in scores.items()}
+
+    def close_pass(self, ctx: LoopContext) -> None:
+        """Score the pass that just ended and decide (the mastery gate)."""
+        state = ctx.state["curriculum"]
+        record = state["passes"][-1]
+        scores = self.gate_scores(ctx)
+        units = record["units"]
+        ratios = {u: mastery_ratio(self.curriculum.teacher_scores[u], scores[u]) for u in units}
+        decision = mastery_decision(ratios, self.ioa["tau_mastery"], state["remedial"], self.ioa["max_remedial"])
+        record.update({"scores": scores, "ratios": ratios, "decision": decision,
+                       "last_step": ctx.progress["step"]})
+        if decision == REMEDIAL:
+            state["remedial"] += 1
+            state["weak"] = sorted(u for u, r in ratios.items() if r < self.ioa["tau_mastery"])
+        else:
+            state.update(stage=state["stage"] + 1, remedial=0, weak=None)
+
+    # -- the next pass
+    def pass_rows(self, stage: int, weak: list[str] | None, number: int) -> tuple[list[int], dict]:
+        units, registers = self.curriculum.units, self.curriculum.registers
+        current = self.stages[stage] if weak is None else weak
+        if weak is None:
+            own = np.isin(units, current) & np.isin(registers, ["", "standard"])
+            if stage > 0:
+                own |= np.isin(units, self.stages[stage - 1]) & (registers == "bridging")
+        else:
+            own = np.isin(units, current) & np.isin(registers, ["", "standard", "remedial"])
+        earlier = [u for s in self.stages[:stage] for u in s] + [u for u in self.stages[stage] if u not in current]
+        pool = np.flatnonzero(np.isin(units, earlier) & np.isin(registers, ["", "standard"]))
+        rows = np.flatnonzero(own).tolist()
+        count = replay_count(len(rows), len(pool), self.ioa["replay_share"])
+        replay = sorted(random.Random(f"{self.config['seed']}/{stage}/{number}").sample(pool.tolist(), count))
+        synthetic = int((registers[rows] != "").sum()) if rows else 0
+        return rows + replay, {"train": len(rows) - synthetic, "synthetic": synthetic, "replay": len(replay)}
+
+    def checkpoint_record(self, ctx: LoopContext, index: int) -> dict:
+        if self.method.schedule == "scd":
+            return super().checkpoint_record(ctx, index)
+        if self.method.schedule == "cd":
+            stage = ctx.state["curriculum"]["stage"]
+            position = math.ceil((stage + 1) * len(self.checkpoints) / len(self.stages)) - 1
+            return {"checkpoint": self.checkpoints[position]}
+        return {"checkpoint": self.best}
+
+    def next_phase(self, ctx: LoopContext, index: int) -> Phase | None:
+        state = ctx.state["curriculum"]
+        if index > 0 and "decision" not in state["passes"][-1]:
+            self.close_pass(ctx)
+        if state["stage"] == len(self.stages):
+            return None
+        rows, counts = self.pass_rows(state["stage"], state["weak"], index)
+        kind = "first" if state["weak"] is None else "remedial"
+        units = self.stages[state["stage"]] if state["weak"] is None else state["weak"]
+        state["passes"].append({"pass": index + 1, "stage": state["stage"] + 1, "kind": kind, "units": units,
+                                "rows": counts, "first_step": ctx.progress["step"] + 1})
+        record = {**self.checkpoint_record(ctx, index), "stage": state["stage"] + 1, "pass_kind": kind}
+        return Phase(self.ioa["epochs_per_pass"], rows=rows, record=record)
+
+    # -- the record
+    def curriculum_record(self, ctx: LoopContext) -> dict:
+        """``curriculum.json``: the plan's stages, every pass, and measured dependencies."""
+        passes = ctx.state["curriculum"]["passes"]
+        teacher = self.curriculum.teacher_scores
+        trajectory = {u: [p["scores"][u] for p in passes if "scores" in p] for u in teacher}
+        dependency = {}
+        for i in teacher:
+            for j in teacher:
+                if i != j:
+                    value = dependency_strength(trajectory[i], trajectory[j], teacher[i])
+                    if value is not None:
+                        dependency[f"{i} -> {j}"] = value
+        return {"method": self.method.name, "name": self.name, "thresholds": self.curriculum.plan["thresholds"],
+                "epochs_per_pass": self.ioa["epochs_per_pass"], "stages": self.stages,
+                "teacher_scores": teacher, "synthetic_rows": self.curriculum.synthetic_rows,
+                "passes": passes, "mastered_all": all(p.get("decision") == ADVANCE for p in passes
+                                                      if p.get("decision") != REMEDIAL),
+                "dependency": dependency,
+                "dependency_definition": ("IOA: [P_S(j | r_i >= 0.9) - P_S(j | r_i < 0.7)] / P_S(j | r_i >= 0.9), "
+                                          "r_i = P_S(i) / P_T(i), over the student's states after each pass; "
+                                          "pairs whose states never meet both conditions are left out")}
+
+    def publish(self, ctx: LoopContext, state_dict: dict[str, Tensor]) -> None:
+        super().publish(ctx, state_dict)
+        write_json(self.paths.output / CURRICULUM_FILE, self.curriculum_record(ctx))
+
+
+def read_curriculum_data(config: dict, train: pd.DataFrame, synthetic: pd.DataFrame,
+                         best_stats: pd.DataFrame) -> CurriculumData:
+    """The plan, each row's unit and register, and the validation rows of the gates.
+
+    ``best_stats``: T*'s per-sample cache stats (``sample_id``, ``nll_mean``) over the training
+    and synthetic rows, which place rows of a split module in its easier or harder half.
+    """
+    from scd_pipeline.ioa import validation_rows
+
+    plan = read_plan(config)
+    nll = best_stats.set_index("sample_id")["nll_mean"]
+    split = {m: float(v) for m, v in plan["split_nll"].items()}
+    units = row_members(plan, train["tag"], nll.loc[train["sample_id"]].to_numpy())
+    units += [member_of(str(m), float(v), split)
+              for m, v in zip(synthetic["module"], nll.reindex(synthetic["sample_id"]).to_numpy(), strict=True)]
+    scores = pd.read_parquet(ioa_dir(config) / VAL_SCORES_FILE)
+    _, val = validation_rows(config)
+    if val["sample_id"].astype(str).tolist() != scores["sample_id"].tolist():
+        raise DataError(f"{ioa_dir(config) / VAL_SCORES_FILE}: scored other validation rows than "
+                        "data/val.parquet holds; re-run `scd-pipeline ioa-plan`")
+    teacher = {str(u): float(v) for u, v in scores.groupby("unit")["teacher_score"].mean().items()}
+    registers = [""] * len(train) + synthetic["register"].astype(str).tolist()
+    return CurriculumData(plan, np.asarray(units, dtype=object), np.asarray(registers, dtype=object), val,
+                          scores["unit"].to_numpy(dtype=object), teacher, len(synthetic))
+
+
 # --------------------------------------------------------------------------- the stage
 
 
 def _fingerprint(config: dict, method: Method, paths: DistillPaths, caches: Mapping[int, LogitCache],
-                 processes: int, split_file: Path) -> str:
+                 processes: int, inputs: Sequence[Path]) -> str:
     """Hash of everything that determines the run's result (every input it reads); resume state
     must match it."""
     distill = {k: v for k, v in config["distill"].items() if k not in ("log_every", "resume_every_minutes",
                                                                           "methods")}
+    subdomains = [paths.subdomains, paths.summary] if method.needs_subdomains else []
     payload = {"method": method.name, "seed": config["seed"], "task": config["task"], "distill": distill,
+               "ioa": config["ioa"] if method.curriculum else None,
+               "evaluate": config["evaluate"] if method.curriculum else None,
                "cache_batch_size": config["cache"]["batch_size"], "processes": processes,
                "max_new_tokens": config["evaluate"]["max_new_tokens"],
                "caches": {k: c.meta["uid"] for k, c in caches.items()}, "init": model_identity(paths.init),
-               "train": sha256_file(split_file),
-               "subdomains": ([sha256_file(paths.subdomains), sha256_file(paths.summary)]
-                              if method.needs_subdomains else None)}
+               "inputs": {str(path): sha256_file(path) for path in [*inputs, *subdomains]}}
     return sha256_text(json.dumps(payload, sort_keys=True, default=str))
+
+
+def _curriculum_inputs(config: dict, paths: DistillPaths, train: pd.DataFrame, spec: Method,
+                       caches: dict[int, LogitCache], best: int, tokenizer) -> tuple[pd.DataFrame, dict, CurriculumData, list[Path]]:
+    """IOA: the training rows plus the synthetic items (one frame), every checkpoint's cache of
+    both read as one, the plan and the gates' validation rows; and the files read."""
+    synthetic = read_split(paths.synthetic)
+    frame = pd.concat([train, synthetic[list(train.columns)]], ignore_index=True)
+    synthetic_caches = {index: open_task_cache(config, index, tokenizer, synthetic=True) for index in caches}
+    union = {index: CacheUnion([caches[index], synthetic_caches[index]]) for index in caches}
+    best_stats = union[best].stats() if best in union else pd.concat(
+        [open_task_cache(config, best, tokenizer, synthetic=flag).stats() for flag in (False, True)])
+    curriculum = read_curriculum_data(config, train, synthetic, best_stats)
+    files = [paths.synthetic, ioa_dir(config) / "plan.json", ioa_dir(config) / VAL_SCORES_FILE]
+    if spec.needs_subdomains:
+        files += [paths.synthetic_subdomains, paths.synthetic_summary]
+    return frame, union, curriculum, files
 
 
 def run_distill(config: dict, method: str, weighting: str | None = None, name: str | None = None,
@@ -451,16 +687,27 @@ def run_distill(config: dict, method: str, weighting: str | None = None, name: s
     if spec.adaptive and schedule is not None and AVERAGE in schedule:
         raise ConfigError("distill.cd_mode average has no single checkpoint NLL for AW; use cd_mode "
                           "sequential or drop +aw")
-    if spec.paced and settings["paced"]["two_stage"] and spec.schedule == "taid":
-        raise ConfigError("distill.paced.two_stage switches the KD divergence, but TAID has its own "
-                          "objective; set it to false for taid")
+    if spec.paced and settings["paced"]["two_stage"] and (spec.schedule == "taid" or spec.curriculum):
+        raise ConfigError("distill.paced.two_stage switches the KD divergence half-way through the run, but "
+                          f"{spec.name} has no fixed length (TAID has its own objective, the curriculum's "
+                          "remedial rounds are open); set it to false for this method")
+    if spec.curriculum:  # the curriculum's stages decide which checkpoints a cd schedule reaches
+        schedule = None if spec.schedule in ("scd", "cd") else schedule
     needed = checkpoints_needed(indices, schedule)
     require_inputs(config, paths, spec, checkpoints, needed)
     tokenizer = load_tokenizer(paths.init)
     caches = {index: open_task_cache(config, index, tokenizer) for index in needed}  # verified
+    frame, inputs, curriculum = train, [split_file], None
+    train_caches = caches
+    if spec.curriculum:
+        frame, caches, curriculum, files = _curriculum_inputs(config, paths, train, spec, caches, best, tokenizer)
+        inputs += files
     for cache in caches.values():
-        check_cache_covers(cache, train)
-    subdomains = read_subdomains(paths, train, caches) if spec.needs_subdomains else None
+        check_cache_covers(cache, frame)
+    subdomains = None
+    if spec.needs_subdomains:
+        synthetic_caches = {k: c.caches[1] for k, c in caches.items()} if spec.curriculum else None
+        subdomains = read_subdomains(paths, frame, train_caches, synthetic_caches)
 
     accelerator = make_accelerator(settings["precision"])
     seed_everything(config["seed"])
@@ -468,9 +715,13 @@ def run_distill(config: dict, method: str, weighting: str | None = None, name: s
     model.requires_grad_(True)  # every weight trains, also when init is a merged LoRA SFT student
     check_data_tokenizer(paths.data, tokenizer, paths.init)
     loop = LoopSettings.from_section(settings, settings["lr"], config["seed"])
-    total = n_phases * planned_steps(len(train), loop.batch_size, loop.grad_accum * accelerator.num_processes,
-                                     settings["epochs_per_phase"])
-    recipe = DistillRecipe(config, spec, name, paths, train, caches, schedule, best, subdomains, n_phases, total)
-    run_training(recipe, accelerator, model, tokenizer, train, loop, paths.state,
-                 _fingerprint(config, spec, paths, caches, accelerator.num_processes, split_file), after_step)
+    fingerprint = _fingerprint(config, spec, paths, caches, accelerator.num_processes, inputs)
+    if spec.curriculum:
+        recipe = CurriculumRecipe(config, spec, name, paths, frame, caches, schedule, best, subdomains,
+                                  n_phases, None, curriculum=curriculum)
+    else:
+        total = n_phases * planned_steps(len(train), loop.batch_size, loop.grad_accum * accelerator.num_processes,
+                                         settings["epochs_per_phase"])
+        recipe = DistillRecipe(config, spec, name, paths, train, caches, schedule, best, subdomains, n_phases, total)
+    run_training(recipe, accelerator, model, tokenizer, frame, loop, paths.state, fingerprint, after_step)
     return paths.output

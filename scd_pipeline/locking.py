@@ -58,7 +58,8 @@ def _plain_name(name: str, option: str) -> str:
 
 
 def stage_artifacts(command: str, config: dict, *, role: str | None = None,
-                    checkpoint: int | None = None, name: str | None = None) -> list[Artifact]:
+                    checkpoint: int | None = None, name: str | None = None,
+                    synthetic: bool = False) -> list[Artifact]:
     """What ``scd-pipeline COMMAND`` writes (docs/ARTIFACTS.md), for its lock and its cleanup.
 
     ``role`` for prepare-model and sft, ``checkpoint`` for cache-logits, ``name`` (the output name
@@ -76,14 +77,25 @@ def stage_artifacts(command: str, config: dict, *, role: str | None = None,
         paths = sft_paths(config, role)
         return [Artifact(paths.output, (paths.output,)), Artifact(paths.state, (paths.state,), resume_state=True)]
     if command == "cache-logits":
-        logits = root / "logits"
+        logits = root / "logits" / ("synthetic" if synthetic else "")
         cache = logits / f"ckpt-{checkpoint}.parquet"
         return [Artifact(cache, (cache, logits / f"ckpt-{checkpoint}.meta.json",
                                  logits / f"cache-logits.ckpt-{checkpoint}.config.yaml"))]
     if command == "estimate-subdomains":
-        return [Artifact(root / "subdomains.parquet",
-                         (root / "subdomains.parquet", root / "subdomains.json",
-                          root / "estimate-subdomains.config.yaml"))]
+        stem = "subdomains-synthetic" if synthetic else "subdomains"
+        return [Artifact(root / f"{stem}.parquet",
+                         (root / f"{stem}.parquet", root / f"{stem}.json",
+                          root / f"estimate-{stem}.config.yaml"))]
+    if command == "ioa-plan":
+        folder = root / "ioa"
+        return [Artifact(folder / "plan.json", (folder / "plan.json", folder / "val_scores.parquet",
+                                                folder / "ioa-plan.config.yaml"))]
+    if command == "synthesize":
+        folder = root / "ioa"
+        return [Artifact(root / "data" / "synthetic.parquet",
+                         (root / "data" / "synthetic.parquet", folder / "synthesis.json",
+                          folder / "synthesize.config.yaml")),
+                Artifact(root / ".state" / "synthesize", (root / ".state" / "synthesize",), resume_state=True)]
     if command == "distill":
         from scd_pipeline.distill import distill_paths
 

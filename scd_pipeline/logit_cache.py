@@ -70,9 +70,14 @@ IDENTITY_FIELDS = ("format", "format_version", "uid", "k", "dtype", "id_dtype", 
 # --------------------------------------------------------------------------- paths and identities
 
 
-def cache_path(task_path: str | Path, checkpoint: int) -> Path:
-    """``{task_dir}/logits/ckpt-{k}.parquet``."""
-    return Path(task_path) / "logits" / f"ckpt-{checkpoint}.parquet"
+SYNTHETIC = "synthetic"  # IOA's teacher-written items (data/synthetic.parquet), cached beside the split's
+
+
+def cache_path(task_path: str | Path, checkpoint: int, synthetic: bool = False) -> Path:
+    """``{task_dir}/logits/ckpt-{k}.parquet`` (the split ``cache.split``), or, for IOA's synthetic
+    items, ``{task_dir}/logits/synthetic/ckpt-{k}.parquet``."""
+    folder = Path(task_path) / "logits"
+    return (folder / SYNTHETIC if synthetic else folder) / f"ckpt-{checkpoint}.parquet"
 
 
 def sidecar_path(parquet: str | Path) -> Path:
@@ -142,9 +147,19 @@ def checkpoint_mismatch(recorded: dict, checkpoint_dir: str | Path) -> str | Non
 
 def dataset_fingerprint_for(data_dir: str | Path, split: str) -> tuple[str, str]:
     """``(fingerprint, source)``: the data manifest's ``dataset_fingerprint`` when present
-    (source ``manifest``), else the sha256 of ``{split}.parquet`` (source ``split_sha256``)."""
+    (source ``manifest``), else the sha256 of ``{split}.parquet`` (source ``split_sha256``).
+
+    IOA's ``synthetic`` items are written after the manifest: their fingerprint is the sha256 of
+    the manifest's fingerprint and the file's sha256 (source ``manifest+synthetic_sha256``).
+    """
     data_dir = Path(data_dir)
     manifest = data_dir / "manifest.json"
+    if split == SYNTHETIC:
+        split_file = data_dir / f"{SYNTHETIC}.parquet"
+        if not split_file.is_file():
+            raise DataError(f"{split_file}: synthetic items not found (run `scd-pipeline synthesize` first)")
+        base, _ = dataset_fingerprint_for(data_dir, "train")
+        return hashlib.sha256(f"{base} {sha256_file(split_file)}".encode()).hexdigest(), "manifest+synthetic_sha256"
     if manifest.is_file():
         value = read_json(manifest).get("dataset_fingerprint")
         if value:
@@ -397,6 +412,76 @@ class LogitCache:
             vocab_size=self.vocab_size, temperature=float(self.meta["temperature"]))
 
 
+class CacheUnion:
+    """Several verified caches of one checkpoint read as one (IOA: the training split's and the
+    synthetic items'): targets, token counts and per-sample stats by sample id, from whichever
+    file holds the sample. The caches must agree on k, vocabulary and temperature."""
+
+    def __init__(self, caches: Sequence[LogitCache]) -> None:
+        first = caches[0]
+        for cache in caches[1:]:
+            for field_name in ("k", "vocab_size", "temperature"):
+                if cache.meta[field_name] != first.meta[field_name]:
+                    raise _refuse(cache.path, field_name, cache.meta[field_name], first.meta[field_name])
+        self.caches = list(caches)
+        self.path = first.path
+        self.meta = {**first.meta, "uid": "+".join(c.meta["uid"] for c in caches)}
+        self._owner = pd.Series(np.concatenate([np.full(len(c.sample_ids), i) for i, c in enumerate(caches)]),
+                                index=pd.Index([s for c in caches for s in c.sample_ids]))
+        if not self._owner.index.is_unique:
+            raise DataError(f"{first.path}: a sample id occurs in more than one of the caches "
+                            f"{[str(c.path) for c in caches]}; re-run synthesize and cache-logits")
+
+    @property
+    def k(self) -> int:
+        return self.caches[0].k
+
+    @property
+    def vocab_size(self) -> int:
+        return self.caches[0].vocab_size
+
+    @property
+    def sample_ids(self) -> list[str]:
+        return [s for c in self.caches for s in c.sample_ids]
+
+    def stats(self) -> pd.DataFrame:
+        return pd.concat([c.stats() for c in self.caches], ignore_index=True)
+
+    def _owners(self, sample_ids: Sequence[str]) -> np.ndarray:
+        owners = self._owner.reindex(list(sample_ids))
+        if owners.isna().any():
+            self.caches[0]._rows([s for s, o in zip(sample_ids, owners, strict=True) if pd.isna(o)])
+        return owners.to_numpy(dtype=np.int64)
+
+    def token_counts(self, sample_ids: Sequence[str]) -> np.ndarray:
+        owners, counts = self._owners(sample_ids), np.zeros(len(sample_ids), dtype=np.int64)
+        for i, cache in enumerate(self.caches):
+            mask = owners == i
+            if mask.any():
+                counts[mask] = cache.token_counts([s for s, m in zip(sample_ids, mask, strict=True) if m])
+        return counts
+
+    def targets(self, sample_ids: Sequence[str], completion_lengths: Sequence[int] | None = None,
+                device: torch.device | str | None = None) -> SparseTarget:
+        """As :meth:`LogitCache.targets`: runs of samples from one file are read together and the
+        pieces joined in the requested order."""
+        owners = self._owners(sample_ids)
+        lengths = list(completion_lengths) if completion_lengths is not None else None
+        pieces, start = [], 0
+        while start < len(sample_ids):
+            end = start
+            while end < len(sample_ids) and owners[end] == owners[start]:
+                end += 1
+            pieces.append(self.caches[owners[start]].targets(
+                list(sample_ids[start:end]), lengths[start:end] if lengths is not None else None, device))
+            start = end
+        if len(pieces) == 1:
+            return pieces[0]
+        return SparseTarget(ids=torch.cat([p.ids for p in pieces]), logprobs=torch.cat([p.logprobs for p in pieces]),
+                            tail_logmass=torch.cat([p.tail_logmass for p in pieces]),
+                            vocab_size=pieces[0].vocab_size, temperature=pieces[0].temperature)
+
+
 def _read_sidecar(path: Path) -> dict:
     sidecar = sidecar_path(path)
     if not sidecar.is_file():
@@ -504,16 +589,17 @@ def open_cache(path: str | Path, *, dataset_fingerprint: str | None = None, spli
     return LogitCache(path, meta, parquet_file, max_groups=max_groups)
 
 
-def open_task_cache(config: dict, checkpoint: int, tokenizer=None) -> LogitCache:
-    """Open ``logits/ckpt-{k}.parquet`` of the configured task, checked against the current data
-    split (``cache.split``), teacher checkpoint ``k`` (weights), ``cache.temperature`` and, when
-    given, the caller's tokenizer (e.g. the student's)."""
+def open_task_cache(config: dict, checkpoint: int, tokenizer=None, synthetic: bool = False) -> LogitCache:
+    """Open ``logits/ckpt-{k}.parquet`` (or IOA's ``logits/synthetic/ckpt-{k}.parquet``) of the
+    configured task, checked against the current data split (``cache.split``, or
+    ``data/synthetic.parquet``), teacher checkpoint ``k`` (weights), ``cache.temperature`` and,
+    when given, the caller's tokenizer (e.g. the student's)."""
     root = task_dir(config)
-    split = config["cache"]["split"]
+    split = SYNTHETIC if synthetic else config["cache"]["split"]
     teacher_dir = root / "teacher"
     entry = checkpoint_entry(read_checkpoints(teacher_dir), checkpoint)
     fingerprint, _ = dataset_fingerprint_for(root / "data", split)
-    return open_cache(cache_path(root, checkpoint), dataset_fingerprint=fingerprint, split=split,
+    return open_cache(cache_path(root, checkpoint, synthetic), dataset_fingerprint=fingerprint, split=split,
                       tokenizer=tokenizer_fingerprint(tokenizer) if tokenizer is not None else None,
                       checkpoint_dir=teacher_dir / entry["path"], checkpoint_index=checkpoint,
                       temperature=config["cache"]["temperature"])

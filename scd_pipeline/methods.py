@@ -7,10 +7,13 @@ A method is a checkpoint schedule plus per-sample weightings:
   target, no CE);
 - weightings: ``+aw`` (Adaptive Weighting of the CE/KD mix), ``+paced`` (PACED's p(1 - p) weight
   on each sample's loss);
-- ``scd_aw`` is the paper's name for ``scd+aw``.
+- the curriculum: ``+ioa`` trains stage by stage through IOA's mastery-gated curriculum, on the
+  training rows plus the teacher-synthesised ones (:mod:`scd_pipeline.curriculum`);
+- ``scd_aw`` is the paper's name for ``scd+aw``; ``ioa`` alone is ``td+ioa`` (T* targets).
 
 Canonical labels put the schedule first and the suffixes in that order: ``td+paced``,
-``cd+aw+paced``, ``scd_aw``, ``scd_aw+paced``. Report labels: ``TD``, ``SCD+AW``, ``TD+PACED``.
+``cd+aw+paced``, ``scd_aw``, ``scd_aw+paced``, ``ioa``, ``scd_aw+ioa``. Report labels: ``TD``,
+``SCD+AW``, ``TD+PACED``, ``IOA``, ``SCD+AW+IOA``.
 """
 
 from __future__ import annotations
@@ -20,10 +23,10 @@ from dataclasses import dataclass
 from scd_pipeline.errors import ConfigError
 
 SCHEDULES = ("td", "cd", "scd", "taid")
-BASE_METHODS = ("td", "cd", "scd", "scd_aw", "taid")
-SUFFIXES = ("aw", "paced")
+BASE_METHODS = ("td", "cd", "scd", "scd_aw", "taid", "ioa")
+SUFFIXES = ("aw", "paced", "ioa")
 WEIGHTINGS = ("none", "aw", "paced")
-LABELS = {"td": "TD", "cd": "CD", "taid": "TAID", "scd": "SCD", "scd_aw": "SCD+AW"}
+LABELS = {"td": "TD", "cd": "CD", "taid": "TAID", "scd": "SCD", "scd_aw": "SCD+AW", "ioa": "IOA"}
 
 
 @dataclass(frozen=True)
@@ -33,21 +36,26 @@ class Method:
     schedule: str    # td | cd | scd | taid
     adaptive: bool   # AW: w = L_S^SFT / (L_S^SFT + L_c*) instead of lambda
     paced: bool      # PACED: per-sample weight p^alpha (1 - p)^beta on the loss
+    curriculum: bool = False  # IOA: mastery-gated stages over knowledge modules + synthetic rows
 
     @property
     def name(self) -> str:
-        """Canonical method string, e.g. ``scd_aw``, ``td+paced``, ``cd+aw+paced``."""
+        """Canonical method string, e.g. ``scd_aw``, ``td+paced``, ``cd+aw+paced``, ``ioa``."""
         if self.schedule == "scd" and self.adaptive:
             base, suffixes = "scd_aw", []
+        elif self.schedule == "td" and self.curriculum and not self.adaptive:
+            base, suffixes = "ioa", []
         else:
             base, suffixes = self.schedule, ["aw"] if self.adaptive else []
-        return "+".join([base, *suffixes, *(["paced"] if self.paced else [])])
+        suffixes += ["paced"] if self.paced else []
+        suffixes += ["ioa"] if self.curriculum and base != "ioa" else []
+        return "+".join([base, *suffixes])
 
     @property
     def label(self) -> str:
-        """Paper-style row label: ``SCD+AW``, ``TD+PACED``."""
-        base, _, suffix = self.name.partition("+")
-        return "+".join([LABELS[base], *([suffix.upper()] if suffix else [])])
+        """Paper-style row label: ``SCD+AW``, ``TD+PACED``, ``SCD+AW+IOA``."""
+        base, *suffixes = self.name.split("+")
+        return "+".join([LABELS[base], *(suffix.upper() for suffix in suffixes)])
 
     @property
     def needs_subdomains(self) -> bool:
@@ -56,26 +64,31 @@ class Method:
 
 
 def parse_method(method: str, weighting: str | None = None) -> Method:
-    """``td``, ``cd``, ``scd``, ``scd_aw``, ``taid``, optionally with ``+aw`` / ``+paced`` suffixes,
-    plus ``--weighting none|aw|paced``. One-line ConfigError on anything else or on conflicts."""
+    """``td``, ``cd``, ``scd``, ``scd_aw``, ``taid``, ``ioa``, optionally with ``+aw`` / ``+paced`` /
+    ``+ioa`` suffixes, plus ``--weighting none|aw|paced``. One-line ConfigError on anything else or
+    on conflicts."""
     base, *suffixes = method.strip().split("+")
     if base not in BASE_METHODS:
         raise ConfigError(f"method {method!r}: unknown method {base!r}; choose one of "
-                          f"{', '.join(BASE_METHODS)} (optionally +aw / +paced)")
+                          f"{', '.join(BASE_METHODS)} (optionally +aw / +paced / +ioa)")
     bad = [s for s in suffixes if s not in SUFFIXES]
-    if bad or len(set(suffixes)) != len(suffixes):
-        raise ConfigError(f"method {method!r}: suffixes must be +aw and/or +paced, each once")
+    if bad or len(set(suffixes)) != len(suffixes) or (base == "ioa" and "ioa" in suffixes):
+        raise ConfigError(f"method {method!r}: suffixes must be +aw, +paced and/or +ioa, each once")
     if weighting is not None and weighting not in WEIGHTINGS:
         raise ConfigError(f"--weighting {weighting!r}: choose one of {', '.join(WEIGHTINGS)}")
     adaptive = base == "scd_aw" or "aw" in suffixes or weighting == "aw"
     paced = "paced" in suffixes or weighting == "paced"
     if weighting == "none" and (adaptive or paced):
         raise ConfigError(f"--weighting none contradicts method {method!r}, which weights samples")
-    schedule = "scd" if base == "scd_aw" else base
+    curriculum = base == "ioa" or "ioa" in suffixes
+    schedule = {"scd_aw": "scd", "ioa": "td"}.get(base, base)
     if schedule == "taid" and adaptive:
         raise ConfigError(f"method {method!r}: TAID has no CE/KD mix for AW to weight; use taid or "
                           "taid+paced")
-    return Method(schedule, adaptive, paced)
+    if schedule == "taid" and curriculum:
+        raise ConfigError(f"method {method!r}: TAID's t schedule needs the run's length up front, which "
+                          "the curriculum's remedial rounds leave open; use td+ioa (ioa) or scd_aw+ioa")
+    return Method(schedule, adaptive, paced, curriculum)
 
 
 def default_name(method: str, weighting: str | None = None) -> str:

@@ -85,6 +85,7 @@ RESULTS_PLOT = "results.png"
 TEACHER_PLOT = "teacher_checkpoints.png"
 SHARES_PLOT = "subdomain_shares.png"
 AW_PLOT = "aw_histogram.png"
+CURRICULUM_FILE = "curriculum.json"  # written by distill for curriculum methods (ioa, X+ioa)
 RESOLVED_MARK = "*"
 
 
@@ -447,6 +448,30 @@ def read_subdomains(root: Path) -> tuple[dict | None, pd.DataFrame | None]:
     return summary, table
 
 
+def read_ioa(root: Path) -> tuple[dict | None, dict | None]:
+    """IOA's ``ioa/plan.json`` and ``ioa/synthesis.json`` (each None when absent)."""
+    plan, synthesis = root / "ioa" / "plan.json", root / "ioa" / "synthesis.json"
+    return (read_json(plan) if plan.is_file() else None, read_json(synthesis) if synthesis.is_file() else None)
+
+
+def curriculum_passes(record: dict) -> pd.DataFrame:
+    """One row per pass of a ``curriculum.json``: ``pass, stage, kind, units, rows, decision``,
+    ``min_ratio`` (the gate's lowest P_S / P_T in the pass's units) and ``ratio:{unit}`` for every
+    unit (P_S / P_T after the pass, NaN where P_T is 0)."""
+    teacher = record.get("teacher_scores", {})
+    rows = []
+    for entry in record.get("passes", []):
+        scores = entry.get("scores", {})
+        row = {"pass": int(entry["pass"]), "stage": int(entry["stage"]), "kind": entry["kind"],
+               "units": ", ".join(entry["units"]), "decision": entry.get("decision", "n/a"),
+               "rows": "+".join(str(entry["rows"][k]) for k in ("train", "synthetic", "replay")),
+               "min_ratio": min(entry.get("ratios", {}).values(), default=math.nan)}
+        for unit, p_t in teacher.items():
+            row[f"ratio:{unit}"] = scores[unit] / p_t if unit in scores and p_t > 0 else math.nan
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def sfs_shares(summary: dict | None, table: pd.DataFrame | None) -> pd.DataFrame | None:
     """Per tag (and ``all``): samples and SFS share, from the per-sample table, else the summary."""
     if table is not None and {"tag", "sfs"} <= set(table.columns):
@@ -529,6 +554,33 @@ def plot_schedule(name: str, phases: Sequence[dict], terms: pd.DataFrame, path: 
         axes[1].set_xlabel("student phase k")
         axes[1].set_ylabel("KL (nats / token)")
         axes[1].legend(fontsize=8)
+    figure.savefig(path, format="png")
+
+
+def plot_curriculum(name: str, passes: pd.DataFrame, tau_mastery: float, path: Path) -> None:
+    """P_S / P_T of every module after each pass (the mastery gate's measure), stages shaded, the
+    gate's threshold dashed; the gate's decision at the stage's lowest ratio: a filled circle for
+    advance, a hollow one for advance after the last remedial round, an x for a remedial round."""
+    figure, (axis,) = _figure(6.4, 4.0)
+    numbers = passes["pass"].to_numpy()
+    for position, (stage, group) in enumerate(passes.groupby("stage", sort=True)):
+        axis.axvspan(group["pass"].min() - 0.5, group["pass"].max() + 0.5, color="0.93" if position % 2 else "white")
+        axis.annotate(f"stage {stage}", (group["pass"].mean(), 1.0), xycoords=("data", "axes fraction"),
+                      ha="center", va="bottom", fontsize=7)
+    for column in [c for c in passes.columns if c.startswith("ratio:")]:
+        axis.plot(numbers, passes[column], "-", linewidth=1.2, label=column.removeprefix("ratio:"))
+    for decision, marker, face in (("advance", "o", "black"), ("advance_unmastered", "o", "none"),
+                                   ("remedial", "x", "black")):
+        chosen = (passes["decision"] == decision).to_numpy()
+        if chosen.any():
+            axis.plot(numbers[chosen], passes["min_ratio"][chosen], marker, color="black", markerfacecolor=face,
+                      linestyle="none", label=f"gate: {decision.replace('_', ' ')}")
+    axis.axhline(tau_mastery, linestyle="--", color="tab:red", label=f"τ_mastery = {tau_mastery:g}")
+    axis.set_xticks(numbers)
+    axis.set_xlabel("curriculum pass")
+    axis.set_ylabel("P_S / P_T (validation)")
+    axis.legend(fontsize=7, ncols=2)
+    axis.set_title(f"{method_label(name)}: mastery per module after each pass", pad=14)
     figure.savefig(path, format="png")
 
 
@@ -904,6 +956,9 @@ class ReportInputs:
     subdomain_table: pd.DataFrame | None
     shares: pd.DataFrame | None
     evidence: TaskEvidence | None = None
+    curricula: dict[str, dict] = field(default_factory=dict)  # student -> curriculum.json (first seed)
+    ioa_plan: dict | None = None
+    synthesis: dict | None = None
     differences: pd.DataFrame = field(default_factory=pd.DataFrame)
     outcomes: pd.DataFrame = field(default_factory=pd.DataFrame)
     tag_evidence: tuple[dict, dict] | None = None
@@ -920,6 +975,10 @@ def is_scd_method(name: str) -> bool:
 
 def schedule_plot_name(name: str) -> str:
     return f"schedule_{default_eval_name(name)}.png"
+
+
+def curriculum_plot_name(name: str) -> str:
+    return f"curriculum_{default_eval_name(name)}.png"
 
 
 def evaluated_models(config: dict, rows: Sequence[ModelRow], checkpoint_evals: dict[int, dict]) -> list[EvaluatedModel]:
@@ -961,7 +1020,7 @@ def gather_inputs(config: dict, details: bool = True) -> ReportInputs:
     if evidence is not None:
         teacher_tests.update({k: evidence.interval(f"teacher-ckpt-{k}", primary) for k in checkpoint_evals
                               if evidence.interval(f"teacher-ckpt-{k}", primary) is not None})
-    schedules = {}
+    schedules, curricula = {}, {}
     for name in student_names(config, root):
         for folder in ([root / "students" / replicate_student_name(name, s) for s in replicate_indices(config, root, name)][:1]
                        or [root / "students" / name]):
@@ -969,12 +1028,16 @@ def gather_inputs(config: dict, details: bool = True) -> ReportInputs:
             if path.is_file():
                 phases = read_schedule(path)
                 schedules[name] = (phases, chosen_terms(phases))
+            if (folder / CURRICULUM_FILE).is_file():
+                curricula[name] = read_json(folder / CURRICULUM_FILE)
     subdomain_summary, subdomain_table = read_subdomains(root)
+    ioa_plan, synthesis = read_ioa(root)
     inputs = ReportInputs(
         config=config, root=root, rows=rows, kind=kind, metrics=metrics, primary=primary,
         frame=results_frame(rows, metrics, primary, evidence), checkpoints=checkpoints, best_index=best_index,
         teacher_tests=teacher_tests, schedules=schedules, subdomain_summary=subdomain_summary,
-        subdomain_table=subdomain_table, shares=sfs_shares(subdomain_summary, subdomain_table), evidence=evidence)
+        subdomain_table=subdomain_table, shares=sfs_shares(subdomain_summary, subdomain_table), evidence=evidence,
+        curricula=curricula, ioa_plan=ioa_plan, synthesis=synthesis)
     if evidence is not None:
         inputs.differences = differences_frame(evidence, metrics)
         if details:
@@ -1034,6 +1097,11 @@ def plan_plots(inputs: ReportInputs) -> tuple[list[tuple[str, Callable[[Path], N
         if not len(schedule[1]):
             missing.append(f"plots/{plot_name}: students/{name}/schedule.json records no KL terms; "
                            "the plot shows the chosen checkpoints only")
+    for name, record in inputs.curricula.items():
+        passes = curriculum_passes(record)
+        if len(passes):
+            tau = float(record.get("thresholds", {}).get("tau_mastery", math.nan))
+            jobs.append((curriculum_plot_name(name), lambda p, n=name, f=passes, t=tau: plot_curriculum(n, f, t, p)))
     if inputs.shares is not None:
         jobs.append((SHARES_PLOT, lambda p: plot_subdomain_shares(inputs.shares, p)))
     else:
@@ -1112,6 +1180,7 @@ def report_blocks(inputs: ReportInputs, drawn: set[str], missing_plots: Sequence
     blocks += outcome_blocks(inputs)
     blocks += teacher_blocks(inputs, drawn)
     blocks += schedule_blocks(inputs, drawn)
+    blocks += curriculum_blocks(inputs, drawn)
     blocks += subdomain_blocks(inputs, drawn)
     missing = [f"{row.label} ({row.eval_label}): not run; {row.missing}" for row in rows if row.missing]
     missing += [f"{row.label}: {line}" for row in rows for line in (row.seeds_missing if row.result else [])]
@@ -1239,6 +1308,59 @@ def schedule_blocks(inputs: ReportInputs, drawn: set[str]) -> list[Block]:
                    ("table", schedule_table(phases, terms))]
         if schedule_plot_name(name) in drawn:
             blocks.append(("image", Image(f"plots/{schedule_plot_name(name)}", f"{method_label(name)} schedule")))
+    return blocks
+
+
+def curriculum_blocks(inputs: ReportInputs, drawn: set[str]) -> list[Block]:
+    """IOA: the plan (modules, gaps, stages), each curriculum student's passes and gates, and the
+    synthetic data's yield with three kept items. Nothing when no curriculum ran."""
+    plan, synthesis = inputs.ioa_plan, inputs.synthesis
+    if plan is None and not inputs.curricula:
+        return []
+    blocks: list[Block] = [("h2", "IOA curriculum")]
+    if plan is not None:
+        basis = "the task's tags" if plan["basis"] == "tag" else "T* NLL strata " + ", ".join(
+            f"{edge:.3f}" for edge in plan.get("strata_edges") or [])
+        thresholds = plan["thresholds"]
+        blocks += [("p", f"Knowledge modules: {basis}. Identifier (validation split, {plan['val_rows']} rows): "
+                         f"gap Δ = (P_T − P_S) / P_T of T* against the SFT student; deficient when Δ > "
+                         f"τ_gap = {thresholds['tau_gap']:g}; severity = {thresholds['gap_weight']:g}·Δ + "
+                         f"{1 - thresholds['gap_weight']:g}·dependency. {plan['dependency']}."),
+                   ("table", Table(["Module", "Val rows", "P_T", "P_S (SFT)", "Δ", "Severity", "Deficient"],
+                                   [[m["module"], str(m["val_rows"]), fmt(m["teacher"]), fmt(m["student"]),
+                                     fmt(m["gap"], True), fmt(m["severity"]), "yes" if m["deficient"] else "no"]
+                                    for m in plan["modules"]])),
+                   ("p", "Stages (easiest first, ZPD τ_zpd = " + f"{thresholds['tau_zpd']:g}): " + " → ".join(
+                       f"{stage['stage']}: {', '.join(u['unit'] for u in stage['units'])}" for stage in plan["stages"])
+                    + ". " + ("Every step stays within the ZPD." if all(z["within_zpd"] for z in plan["zpd"])
+                              else "Steps beyond the ZPD (no split possible): " + ", ".join(
+                                  f"{z['from_stage']}→{z['to_stage']}" for z in plan["zpd"] if not z["within_zpd"])
+                              + "."))]
+    for name, record in inputs.curricula.items():
+        passes = curriculum_passes(record)
+        tau = record.get("thresholds", {}).get("tau_mastery")
+        blocks += [("h3", f"{method_label(name)}: passes and mastery gates (τ_mastery = {tau})"),
+                   ("table", Table(["Pass", "Stage", "Kind", "Units", "Rows (train+synthetic+replay)",
+                                    "Lowest P_S/P_T", "Decision"],
+                                   [[str(r["pass"]), str(r["stage"]), r["kind"], r["units"], r["rows"],
+                                     fmt(r["min_ratio"]), r["decision"]] for r in passes.to_dict("records")]))]
+        if curriculum_plot_name(name) in drawn:
+            blocks.append(("image", Image(f"plots/{curriculum_plot_name(name)}", f"{method_label(name)} curriculum")))
+    if synthesis is not None:
+        reasons = [r for r in synthesis["rejected"]]
+        blocks += [("h3", "Synthetic data (Adapter)"),
+                   ("p", f"T* wrote {synthesis['generated']} items from {synthesis['prompts']} few-shot prompts for "
+                         f"the deficient modules ({', '.join(synthesis['deficient']) or 'none'}); "
+                         f"{synthesis['kept']} kept. Checks: {synthesis['checks']}.")]
+        if synthesis["yield"]:
+            blocks.append(("table", Table(["Module", "Register", "Generated", "Kept", *reasons],
+                                          [[y["module"], y["register"], str(y["generated"]), str(y["kept"]),
+                                            *[str(y[r]) for r in reasons]] for y in synthesis["yield"]])))
+        examples = synthesis.get("examples") or []
+        if examples:
+            blocks.append(("list", [f"{e['register']} ({e['module']}, T* confidence "
+                                    f"{fmt(e['teacher_confidence'])}): {' '.join(e['question'].split())} → "
+                                    f"{e['answer']}" for e in examples]))
     return blocks
 
 

@@ -138,10 +138,11 @@ def _left_padded(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.T
     return input_ids, attention_mask
 
 
-def generate_texts(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                   stop_ids: Sequence[int], samples: int = 1, temperature: float = 0.0) -> list[str]:
-    """Continuations of left-padded prompts, cut at the first stop token: greedy when
-    ``temperature`` is 0, else ``samples`` sampled continuations per prompt (prompt-major order)."""
+def generate(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+             stop_ids: Sequence[int], samples: int = 1, temperature: float = 0.0) -> list[tuple[list[int], bool]]:
+    """Continuations of left-padded prompts: greedy when ``temperature`` is 0, else ``samples``
+    sampled continuations per prompt (prompt-major order). Each is ``(token ids before the first
+    stop token, whether a stop token came)``."""
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id
     input_ids, attention_mask = _left_padded(prompts, pad_id)
@@ -150,11 +151,19 @@ def generate_texts(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_t
     output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                             max_new_tokens=max_new_tokens, eos_token_id=list(stop_ids),
                             pad_token_id=pad_id, **sampling)
-    texts = []
+    stops = set(stop_ids)
+    continuations = []
     for row in output[:, input_ids.shape[1]:].tolist():
-        cut = next((i for i, token in enumerate(row) if token in stop_ids), len(row))
-        texts.append(tokenizer.decode(row[:cut], skip_special_tokens=True))
-    return texts
+        cut = next((i for i, token in enumerate(row) if token in stops), None)
+        continuations.append((row, False) if cut is None else (row[:cut], True))
+    return continuations
+
+
+def generate_texts(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                   stop_ids: Sequence[int], samples: int = 1, temperature: float = 0.0) -> list[str]:
+    """:func:`generate`'s continuations as text (up to the first stop token)."""
+    return [tokenizer.decode(ids, skip_special_tokens=True)
+            for ids, _ in generate(model, tokenizer, prompts, max_new_tokens, stop_ids, samples, temperature)]
 
 
 # --- the forward pass --------------------------------------------------------------------------------
@@ -346,3 +355,29 @@ def pass_rates(model, tokenizer, frame: pd.DataFrame, batch_size: int, rule: Pas
                 gold = gold_list(str(frame["answer"].iat[row]), str(frame["sample_id"].iat[row]))
                 rates[row] = list_pass_rate(gold, texts[j * rule.samples : (j + 1) * rule.samples], rule)
     return rates
+
+
+# --- the option letters' probabilities ---------------------------------------------------------------
+
+def letter_probabilities(model, tokenizer, frame: pd.DataFrame, batch_size: int,
+                         where: str = "split") -> np.ndarray:
+    """(rows, options) probabilities of each option letter at the first completion position (full
+    vocabulary softmax, temperature 1), in row order; a choice split's rows share their options.
+
+    The first completion position's logits depend on the prompt only, so rows may carry any
+    provisional answer (IOA's synthetic items are scored before they have one).
+    """
+    letters = choice_categories(frame)
+    ids = []
+    for letter in letters:
+        encoded = tokenizer.encode(letter, add_special_tokens=False)
+        if len(encoded) != 1:
+            raise DataError(f"{where}: option {letter!r} is {len(encoded)} tokens; ranking by "
+                            "log-likelihood needs single-token option letters")
+        ids.append(encoded[0])
+    probabilities = np.zeros((len(frame), len(letters)), dtype=np.float64)
+    for batch, logits in forward_batches(model, frame, batch_size, tokenizer.pad_token_id):
+        first = first_positions(completion_token_counts(batch))
+        chosen = torch.softmax(logits[first].float(), dim=-1)[:, ids]
+        probabilities[batch.index] = chosen.double().cpu().numpy()
+    return probabilities

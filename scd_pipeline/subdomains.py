@@ -130,18 +130,23 @@ def checkpoint_kl_matrix(caches: Mapping[int, LogitCache], probe_ids: Sequence[s
             for a in sorted(targets)}
 
 
-def estimate_subdomains(config: dict) -> dict:
+def estimate_subdomains(config: dict, synthetic: bool = False) -> dict:
     """The stage: write ``{task_dir}/subdomains.parquet`` and ``subdomains.json``; return the summary.
 
     Reads the split ``cache.split``, ``teacher/checkpoints.json``, every checkpoint's verified cache
     and ``student_sft/`` (a full model or a LoRA adapter; scored over the split by the same
-    scoring pass as the caches and evaluation, for L_S^SFT and its score).
+    scoring pass as the caches and evaluation, for L_S^SFT and its score). With ``synthetic``
+    the rows are IOA's ``data/synthetic.parquet`` (caches ``logits/synthetic/``) and the outputs
+    ``subdomains-synthetic.parquet`` / ``.json``: the same table (AW per checkpoint for those
+    rows), no probe and no checkpoint KL matrix (SCD measures those on the training split).
     """
+    from scd_pipeline.logit_cache import SYNTHETIC
     from scd_pipeline.models import load_model
     from scd_pipeline.tokenization import load_tokenizer
 
     root = task_dir(config)
-    split = config["cache"]["split"]
+    split = SYNTHETIC if synthetic else config["cache"]["split"]
+    stem = "subdomains-synthetic" if synthetic else "subdomains"
     checkpoints = read_checkpoints(root / "teacher")
     indices = checkpoint_indices(checkpoints)
     best = int(checkpoints["best_index"])
@@ -149,7 +154,7 @@ def estimate_subdomains(config: dict) -> dict:
     student_dir = root / "student_sft"
     if not is_model_dir(student_dir):
         raise ModelError(f"{student_dir}: SFT student not found (run `scd-pipeline sft --role student` first)")
-    caches = {index: open_task_cache(config, index, load_tokenizer(student_dir)) for index in indices}
+    caches = {index: open_task_cache(config, index, load_tokenizer(student_dir), synthetic) for index in indices}
     model, tokenizer = load_model(student_dir)
     scored = predict_split(model, tokenizer, frame, config["cache"]["batch_size"],
                            config["evaluate"]["max_new_tokens"], where=str(root / "data" / f"{split}.parquet"))
@@ -157,23 +162,26 @@ def estimate_subdomains(config: dict) -> dict:
                             "nll_mean": -scored["gold_logprob"] / scored["gold_tokens"],
                             "score": scored["score"]})
     table = subdomain_table(frame, student, {k: cache.stats() for k, cache in caches.items()}, best)
-    probe_size = config["subdomains"]["probe_size"]
-    probe = probe_sample_ids(frame["sample_id"], probe_size, config["seed"])
-    kl = checkpoint_kl_matrix(caches, probe)
     summary = {
-        "task": config["task"], "split": split, **summarize_subdomains(table, best),
+        "task": config["task"], "split": split,
+        **(summarize_subdomains(table, best) if len(table) else {"best_index": best, "samples": 0}),
         "caches": {str(k): {"path": str(c.path), "uid": c.meta["uid"], "k": c.k} for k, c in caches.items()},
-        "probe": {"size": len(probe), "seed": config["seed"],
-                  "rule": "random.Random(seed).sample of the split's sorted sample ids (all if fewer), sorted",
-                  "sample_ids": probe},
-        "kl_definition": CACHE_KL_DEFINITION,
-        "kl_best_to_c": {str(b): value for b, value in kl[best].items()},
-        "kl_matrix": {"index": indices, "values": [[kl[a][b] for b in indices] for a in indices]},
     }
-    table_path = root / "subdomains.parquet"
+    if not synthetic:
+        probe_size = config["subdomains"]["probe_size"]
+        probe = probe_sample_ids(frame["sample_id"], probe_size, config["seed"])
+        kl = checkpoint_kl_matrix(caches, probe)
+        summary.update({
+            "probe": {"size": len(probe), "seed": config["seed"],
+                      "rule": "random.Random(seed).sample of the split's sorted sample ids (all if fewer), sorted",
+                      "sample_ids": probe},
+            "kl_definition": CACHE_KL_DEFINITION,
+            "kl_best_to_c": {str(b): value for b, value in kl[best].items()},
+            "kl_matrix": {"index": indices, "values": [[kl[a][b] for b in indices] for a in indices]},
+        })
+    table_path = root / f"{stem}.parquet"
     with atomic_path(table_path) as tmp:
         table.to_parquet(tmp, index=False)
-    write_json(root / "subdomains.json", summary)
-    write_effective_config(config, root, "estimate-subdomains")
-    return {**summary, "paths": [str(table_path), str(root / "subdomains.json")]}
-
+    write_json(root / f"{stem}.json", summary)
+    write_effective_config(config, root, f"estimate-{stem}")
+    return {**summary, "paths": [str(table_path), str(root / f"{stem}.json")]}

@@ -1,6 +1,7 @@
 # Stage: one distilled student per configured method (teacher signal from the caches only); with
 # `replicates: N` > 1, N per method (students/{method}/seed-{s}, seed = config seed + s), one job each.
 
+from scd_pipeline.methods import parse_method
 from scd_pipeline.naming import replicate_student_name
 
 METHODS = config["distill"]["methods"]
@@ -23,6 +24,27 @@ def distill_init(wildcards):
     return MODELS + "/student_base"
 
 
+def curriculum_inputs(wildcards):
+    """A curriculum method (ioa, X+ioa) also reads IOA's plan, the synthetic items and their caches
+    (and their adaptive weights when it weights samples)."""
+    method = parse_method(STUDENTS[wildcards.student][0])
+    if not method.curriculum:
+        return []
+    files = IOA_PLAN + [SYNTHETIC] + SYNTHETIC_CACHES
+    if method.needs_subdomains:
+        files += [TASK_DIR + "/subdomains-synthetic.parquet", TASK_DIR + "/subdomains-synthetic.json"]
+    return files
+
+
+def distill_settings(wildcards):
+    """The settings a student's result depends on (its params rerun trigger): the method list
+    itself is left out, so adding a method trains only that one."""
+    keys = ["seed", "distill", "subdomains", "cache.temperature"]
+    if parse_method(STUDENTS[wildcards.student][0]).curriculum:
+        keys += ["ioa", "evaluate"]  # the mastery gates score the student on the validation split
+    return settings(*keys, exclude=["distill.methods"])
+
+
 rule distill:
     input:
         CACHES,
@@ -30,13 +52,14 @@ rule distill:
         TASK_DIR + "/subdomains.parquet",
         TASK_DIR + "/teacher/checkpoints.json",
         distill_init,
+        curriculum_inputs,
     output:
         directory(TASK_DIR + "/students/{student}"),
     wildcard_constraints:
         student="|".join(re.escape(name) for name in STUDENTS),
     params:
         task=TASK,
-        settings=settings("seed", "distill", "subdomains", "cache.temperature", exclude=["distill.methods"]),
+        settings=distill_settings,
         method=lambda wildcards: STUDENTS[wildcards.student][0],
         seed=lambda wildcards: STUDENTS[wildcards.student][1],
     conda:

@@ -1,0 +1,384 @@
+"""IOA's Adapter: ``scd-pipeline synthesize`` -> ``data/synthetic.parquet`` + ``ioa/synthesis.json``.
+
+For every module the plan marks deficient (``ioa/plan.json``), the teacher T* writes new items
+from few-shot prompts of that module's training rows, in three registers that use the task's own
+structure (T*'s gold NLL orders a module's rows by difficulty):
+
+- ``remedial`` (simpler, shorter): examples from the shortest third of the module's easier half
+  (T* NLL at most the module's median), under a header asking for short, simple questions;
+- ``standard``: examples from all of the module's rows;
+- ``bridging`` (one notch harder): examples from the module's hardest third (highest T* NLL).
+
+Seed rows are those T* scores a pass on (its answer right); each prompt holds ``shots`` of them
+(seeded choice) and T* samples ``per_prompt`` continuations at ``temperature``; the text up to the
+first blank line is the new item's question body, and it keeps the seeds' options block /
+instruction. The teacher then answers each new item: choice tasks take T*'s most probable option
+letter, list tasks T*'s greedy list. An item is kept only if
+
+1. it parses into the task's format (``unparsable`` otherwise): a non-empty body that ended
+   within ``length_factor`` x the prompt's longest example, wrote no options of its own and, for
+   lists, an answer that parses and whose items all occur in the body;
+2. the teacher is confident (``unconfident``): its probability of its own answer (the letter's
+   probability; for lists the mean token probability of the list) >= ``min_confidence``;
+3. it is not a near-duplicate (``overlaps_eval``, ``copies_train``, ``duplicate``): at most
+   ``max_overlap`` of its word ``overlap_ngram``-grams (NFKC, lower-cased) occur in any one
+   validation or test row, training row or already kept item;
+4. its module has fewer than ``max_items_per_module`` kept items (``over_cap``).
+
+Kept items have the split columns (docs/ARTIFACTS.md) plus ``module``, ``register``,
+``source_ids`` (the prompt's seed rows) and ``teacher_confidence``; ``cache-logits --split
+synthetic`` caches them like any split. Generation runs in batches of prompts with a progress bar
+and resumes after a kill from ``.state/synthesize/`` (the same settings give the same items).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from scd_pipeline.batching import read_split
+from scd_pipeline.config import task_dir, write_effective_config
+from scd_pipeline.curriculum import NgramIndex, ioa_dir, read_plan, row_members
+from scd_pipeline.errors import DataError
+from scd_pipeline.io import atomic_path, read_json, sha256_file, sha256_text, write_json
+
+REGISTERS = ("remedial", "standard", "bridging")
+HEADERS = {"remedial": "Short, simple questions of the kind '{module}', one fact each:",
+           "standard": "Questions of the kind '{module}':",
+           "bridging": "Harder questions of the kind '{module}', each with one more detail to weigh:"}
+REASONS = ("unparsable", "unconfident", "overlaps_eval", "copies_train", "duplicate", "over_cap")
+SYNTHETIC_SPLIT = "synthetic"
+SUMMARY_FILE = "synthesis.json"
+STATE_FILE = "generated.jsonl"
+
+
+def synthetic_path(config: dict) -> Path:
+    return task_dir(config) / "data" / f"{SYNTHETIC_SPLIT}.parquet"
+
+
+def state_dir(config: dict) -> Path:
+    return task_dir(config) / ".state" / "synthesize"
+
+
+# --- prompts ---------------------------------------------------------------------------------------
+
+def register_pools(rows: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Seed rows per register from one module's passed training rows (columns ``teacher_nll``,
+    ``body_tokens``): remedial = shortest third of the easier half, standard = all, bridging =
+    the hardest third by T* NLL."""
+    by_nll = rows.sort_values(["teacher_nll", "sample_id"], kind="stable")
+    easier = by_nll[by_nll["teacher_nll"] <= by_nll["teacher_nll"].median()]
+    third = max(1, math.ceil(len(rows) / 3))
+    remedial = easier.sort_values(["body_tokens", "sample_id"], kind="stable").iloc[:third]
+    bridging = by_nll.iloc[len(by_nll) - third:]
+    return {"remedial": remedial, "standard": by_nll, "bridging": bridging}
+
+
+def few_shot_prompt(register: str, module: str, bodies: Sequence[str]) -> str:
+    """Plain text (no chat template: the teacher continues a list): a header, the examples, and
+    the opening of the next one."""
+    parts = [HEADERS[register].format(module=module)]
+    parts += [f"Question {i}:\n{body.strip()}" for i, body in enumerate(bodies, start=1)]
+    parts.append(f"Question {len(bodies) + 1}:\n")
+    return "\n\n".join(parts)
+
+
+def candidate_body(text: str, budget_hit: bool) -> str | None:
+    """The new question body in a continuation: the text before the first blank line; None when
+    the continuation never ended within its budget (no blank line, no stop token)."""
+    body, blank, _ = text.partition("\n\n")
+    if not blank and budget_hit:
+        return None
+    body = body.strip()
+    return body or None
+
+
+# --- checks ------------------------------------------------------------------------------------------
+
+def writes_options(body: str) -> bool:
+    """The body lists options of its own (a line starting "A. " or "B. ")."""
+    return any(line.lstrip().startswith(("A. ", "B. ")) for line in body.splitlines())
+
+
+def list_items_in_body(answer: list[str], body: str) -> bool:
+    """Every extracted item occurs verbatim in the text (an extraction task's format)."""
+    return all(item and item in body for item in answer)
+
+
+def near_duplicate_reason(body: str, evaluation: NgramIndex, training: NgramIndex, kept: NgramIndex,
+                          max_overlap: float) -> str | None:
+    """Which near-duplicate test ``body`` fails first, or None (see the module doc, check 3)."""
+    for reason, index in (("overlaps_eval", evaluation), ("copies_train", training), ("duplicate", kept)):
+        if index.max_containment(body) > max_overlap:
+            return reason
+    return None
+
+
+# --- the stage ---------------------------------------------------------------------------------------
+
+def _read_state(path: Path, fingerprint: str) -> dict[int, list[str]]:
+    """Generated continuations per prompt index of a run with the same fingerprint (a torn last
+    line, from a kill during the write, is dropped)."""
+    done: dict[int, list[str]] = {}
+    if not path.is_file():
+        return done
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break
+            raise DataError(f"{path}: line {number} is not a JSON record (the file was damaged); delete "
+                            f"the folder {path.parent} to generate afresh") from None
+        if record.get("fingerprint") != fingerprint:
+            return {}
+        done[int(record["prompt"])] = [(str(t), bool(b)) for t, b in record["texts"]]
+    return done
+
+
+def _prompt_plan(config: dict, plan: dict, train: pd.DataFrame) -> list[dict]:
+    """Every few-shot prompt: module, register, its seed rows (seeded choice, fixed order)."""
+    synthesis = config["ioa"]["synthesis"]
+    prompts = []
+    for module in plan["deficient"]:
+        rows = train[(train["module"] == module) & (train["teacher_score"] >= 0.5)]
+        if len(rows) < 1:
+            rows = train[train["module"] == module]
+        for register, pool in register_pools(rows).items():
+            for index in range(synthesis["prompts_per_register"]):
+                rng = random.Random(f"{config['seed']}/{module}/{register}/{index}")
+                chosen = rng.sample(range(len(pool)), min(synthesis["shots"], len(pool)))
+                seeds = pool.iloc[chosen]
+                prompts.append({"module": module, "register": register,
+                                "source_ids": seeds["sample_id"].astype(str).tolist(),
+                                "bodies": seeds["body"].tolist(), "suffix": seeds["suffix"].iat[0],
+                                "tag": str(seeds["tag"].iat[0]),
+                                "max_body_tokens": int(seeds["body_tokens"].max())})
+    return prompts
+
+
+def _generate(model, tokenizer, prompts: list[dict], config: dict, state: Path, fingerprint: str,
+              stop_ids: Sequence[int]) -> list[list[tuple[str, bool]]]:
+    """Continuations of every prompt: (text, ran out of its budget without a stop token).
+
+    Prompts go in fixed batches of ``synthesis.batch_size`` (left-padded, ``per_prompt`` samples
+    each), every batch under its own seed; a batch is logged to ``state`` when done, so a rerun
+    after a kill generates only the batches not logged and ends with the same items.
+    """
+    from tqdm.auto import tqdm
+
+    from scd_pipeline.scoring import generate
+
+    synthesis = config["ioa"]["synthesis"]
+    state.mkdir(parents=True, exist_ok=True)
+    log = state / STATE_FILE
+    done = _read_state(log, fingerprint)
+    if not done and log.exists():
+        log.unlink()
+    size = synthesis["batch_size"]
+    batches = [list(range(i, min(i + size, len(prompts)))) for i in range(0, len(prompts), size)]
+    todo = [batch for batch in batches if not all(i in done for i in batch)]
+    bar = tqdm(total=len(prompts), initial=sum(len(b) for b in batches if b not in todo), desc="synthesize",
+               unit="prompt", dynamic_ncols=True)
+    devices = [torch.device("cuda", torch.cuda.current_device())] if torch.cuda.is_available() else []
+    for batch in todo:
+        budgets = [max(1, math.ceil(synthesis["length_factor"] * prompts[i]["max_body_tokens"])) for i in batch]
+        ids = tokenizer([few_shot_prompt(prompts[i]["register"], prompts[i]["module"], prompts[i]["bodies"])
+                         for i in batch], add_special_tokens=False).input_ids
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            torch.manual_seed(config["seed"] * 100_003 + batch[0])
+            output = generate(model, tokenizer, ids, max(budgets), stop_ids, samples=synthesis["per_prompt"],
+                              temperature=synthesis["temperature"])
+        with open(log, "a", encoding="utf-8") as handle:
+            for j, index in enumerate(batch):
+                texts = []
+                for tokens, stopped in output[j * synthesis["per_prompt"] : (j + 1) * synthesis["per_prompt"]]:
+                    ended = stopped and len(tokens) <= budgets[j]
+                    texts.append((tokenizer.decode(tokens[: budgets[j]], skip_special_tokens=True), not ended))
+                done[index] = texts
+                handle.write(json.dumps({"fingerprint": fingerprint, "prompt": index, "texts": texts},
+                                        ensure_ascii=False) + "\n")
+        bar.update(len(batch))
+    bar.close()
+    return [done[i] for i in range(len(prompts))]
+
+
+def _encoder(config: dict, tokenizer):
+    from scd_pipeline.splits import PromptEncoder, end_of_turn_id, make_prompt_renderer
+
+    data = config["data"]
+    return PromptEncoder(tokenizer, make_prompt_renderer(tokenizer, data["system_prompt"]),
+                         end_of_turn_id(tokenizer), data["max_length"])
+
+
+def _answer(model, tokenizer, frame: pd.DataFrame, kind: str, config: dict) -> tuple[list[str], np.ndarray]:
+    """T*'s answer to each provisional row and its probability (see the module doc, check 2)."""
+    from scd_pipeline.scoring import letter_probabilities, predict_split
+
+    batch_size = config["cache"]["batch_size"]
+    if kind == "choice":
+        probabilities = letter_probabilities(model, tokenizer, frame, batch_size, "synthetic items")
+        letters = [str(letter) for letter in frame["choices"].iat[0]]
+        best = probabilities.argmax(axis=1)
+        return [letters[i] for i in best], probabilities[np.arange(len(frame)), best]
+    scored = predict_split(model, tokenizer, frame, batch_size, config["evaluate"]["max_new_tokens"],
+                           where="synthetic items")
+    return scored["prediction"].tolist(), np.zeros(len(frame))
+
+
+def synthesize(config: dict) -> dict:
+    """The stage (see the module doc); returns the summary written to ``ioa/synthesis.json``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from scd_pipeline.checkpoints import checkpoint_entry, read_checkpoints
+    from scd_pipeline.logit_cache import checkpoint_identity, open_task_cache
+    from scd_pipeline.models import load_model
+    from scd_pipeline.scoring import predict_split, stop_token_ids
+    from scd_pipeline.splits import Example, split_question, split_schema
+
+    synthesis = config["ioa"]["synthesis"]
+    root = task_dir(config)
+    plan = read_plan(config)
+    plan_file = ioa_dir(config) / "plan.json"
+    checkpoints = read_checkpoints(root / "teacher")
+    best = int(checkpoints["best_index"])
+    if best != plan["best_index"]:
+        raise DataError(f"{plan_file}: planned for T* = ckpt-{plan['best_index']}, but the teacher's best "
+                        f"checkpoint is now {best}; re-run `scd-pipeline ioa-plan`")
+    teacher_dir = root / "teacher" / checkpoint_entry(checkpoints, best)["path"]
+    train_file = root / "data" / f"{config['cache']['split']}.parquet"
+    train = read_split(train_file)
+    kind = str(train["kind"].iat[0])
+    stats = open_task_cache(config, best).stats().set_index("sample_id").loc[train["sample_id"]]
+    parts = [split_question(q, kind) for q in train["question"]]
+    model, tokenizer = load_model(teacher_dir)
+    model.eval()
+    train = train.assign(teacher_nll=stats["nll_mean"].to_numpy(), teacher_score=stats["score"].to_numpy(),
+                         body=[b for b, _ in parts], suffix=[s for _, s in parts])
+    train = train.assign(body_tokens=[len(ids) for ids in tokenizer([b for b, _ in parts],
+                                                                   add_special_tokens=False).input_ids],
+                         module=row_members({**plan, "split_nll": {}}, train["tag"], train["teacher_nll"]))
+    prompts = _prompt_plan(config, plan, train)
+    fingerprint = sha256_text(json.dumps({"plan": sha256_file(plan_file), "train": sha256_file(train_file),
+                                          "teacher": checkpoint_identity(teacher_dir, best)["sha256"],
+                                          "synthesis": synthesis, "seed": config["seed"]}, sort_keys=True))
+    generated = _generate(model, tokenizer, prompts, config, state_dir(config), fingerprint,
+                          stop_token_ids(tokenizer, train))
+
+    # 1. format
+    candidates, rejected = [], Counter()
+    for prompt, texts in zip(prompts, generated, strict=True):
+        for text, budget_hit in texts:
+            body = candidate_body(text, budget_hit)
+            if body is None or writes_options(body):
+                rejected[(prompt["module"], prompt["register"], "unparsable")] += 1
+                continue
+            candidates.append((prompt, body))
+    encoder = _encoder(config, tokenizer)
+    seed_rows = {str(s): r for s, r in zip(train["sample_id"], train.itertuples(index=False), strict=True)}
+    examples = []
+    for number, (prompt, body) in enumerate(candidates):
+        first = seed_rows[prompt["source_ids"][0]]
+        answer = str(first.choices[0]) if kind == "choice" else "[]"
+        examples.append(Example(f"syn-{number:05d}", prompt["tag"], kind, body, prompt["suffix"],
+                                tuple(first.choices), answer, 0 if kind == "choice" else -1,
+                                f"synthetic item {number}"))
+    records = encoder.encode(examples) if examples else []
+    frame = pd.DataFrame(records)
+    # 2. the teacher's answer and confidence
+    if len(frame):
+        answers, confidence = _answer(model, tokenizer, frame, kind, config)
+        answered = [replace(e, answer=a, label=list(e.choices).index(a) if kind == "choice" else -1)
+                    for e, a in zip(examples, answers, strict=True)]
+        records = encoder.encode(answered)
+        frame = pd.DataFrame(records)
+        if kind == "list":
+            scored = predict_split(model, tokenizer, frame, config["cache"]["batch_size"],
+                                   config["evaluate"]["max_new_tokens"], where="synthetic items")
+            confidence = np.exp(scored["gold_logprob"] / scored["gold_tokens"]).to_numpy()
+    # 3.-4. near-duplicates and the cap
+    evaluation = NgramIndex([split_question(q, kind)[0] for name in ("val", "test")
+                             for q in read_split(root / "data" / f"{name}.parquet")["question"]],
+                            synthesis["overlap_ngram"])
+    training = NgramIndex(train["body"].tolist(), synthesis["overlap_ngram"])
+    kept_index = NgramIndex([], synthesis["overlap_ngram"])
+    kept_rows, kept_per_module = [], Counter()
+    for row, ((prompt, body), record) in enumerate(zip(candidates, records, strict=True)):
+        key = (prompt["module"], prompt["register"])
+        if kind == "list" and not (json.loads(record["answer"]) and
+                                   list_items_in_body(json.loads(record["answer"]), body)):
+            rejected[(*key, "unparsable")] += 1
+            continue
+        if confidence[row] < synthesis["min_confidence"]:
+            rejected[(*key, "unconfident")] += 1
+            continue
+        reason = near_duplicate_reason(body, evaluation, training, kept_index, synthesis["max_overlap"])
+        if reason is None and kept_per_module[prompt["module"]] >= synthesis["max_items_per_module"]:
+            reason = "over_cap"
+        if reason is not None:
+            rejected[(*key, reason)] += 1
+            continue
+        kept_index.add(body)
+        kept_per_module[prompt["module"]] += 1
+        kept_rows.append({**record, "module": prompt["module"], "register": prompt["register"],
+                          "source_ids": prompt["source_ids"], "teacher_confidence": float(confidence[row])})
+
+    schema = split_schema()
+    for name, kind_type in (("module", pa.string()), ("register", pa.string()),
+                            ("source_ids", pa.list_(pa.string())), ("teacher_confidence", pa.float32())):
+        schema = schema.append(pa.field(name, kind_type))
+    out = synthetic_path(config)
+    with atomic_path(out) as tmp:
+        pq.write_table(pa.Table.from_pylist(kept_rows, schema=schema), tmp, compression="zstd")
+    generated_counts = Counter()
+    for prompt, texts in zip(prompts, generated, strict=True):
+        generated_counts[(prompt["module"], prompt["register"])] += len(texts)
+    kept_counts = Counter((r["module"], r["register"]) for r in kept_rows)
+    yield_rows = [{"module": m, "register": g, "generated": generated_counts[(m, g)], "kept": kept_counts[(m, g)],
+                   **{reason: rejected[(m, g, reason)] for reason in REASONS}}
+                  for m in plan["deficient"] for g in REGISTERS]
+    summary = {
+        "task": config["task"], "teacher": str(teacher_dir), "best_index": best, "deficient": plan["deficient"],
+        "prompts": len(prompts), "generated": sum(generated_counts.values()), "kept": len(kept_rows),
+        "rejected": {reason: sum(v for k, v in rejected.items() if k[2] == reason) for reason in REASONS},
+        "yield": yield_rows, "settings": synthesis, "file": str(out), "sha256": sha256_file(out),
+        "examples": [{k: r[k] for k in ("sample_id", "module", "register", "question", "answer",
+                                        "teacher_confidence", "source_ids")}
+                     for r in _spread_examples(kept_rows, 3)],
+        "checks": ("format: a body that ended within length_factor x the prompt's longest example and wrote "
+                   "no options (lists: a parsable answer whose items occur in the body); confidence: T*'s "
+                   "probability of its own answer >= min_confidence; near-duplicate: more than max_overlap "
+                   f"of the item's word {synthesis['overlap_ngram']}-grams (NFKC, lower-cased) in one "
+                   "validation/test row, training row or kept item"),
+    }
+    write_json(ioa_dir(config) / SUMMARY_FILE, summary)
+    write_effective_config(config, ioa_dir(config), "synthesize")
+    shutil.rmtree(state_dir(config), ignore_errors=True)  # published: the resume log has done its job
+    return {**summary, "paths": [str(out), str(ioa_dir(config) / SUMMARY_FILE)]}
+
+
+def _spread_examples(rows: list[dict], count: int) -> list[dict]:
+    """Up to ``count`` kept items, one per register first (remedial, standard, bridging)."""
+    chosen = []
+    for register in REGISTERS:
+        chosen += [r for r in rows if r["register"] == register][:1]
+    chosen += [r for r in rows if r not in chosen]
+    return chosen[:count]
+
+
+def read_synthesis(config: dict) -> dict:
+    """``ioa/synthesis.json``, or {} when synthesis has not run."""
+    path = ioa_dir(config) / SUMMARY_FILE
+    return read_json(path) if path.is_file() else {}

@@ -1,0 +1,448 @@
+"""IOA (SPEC 4.6): knowledge modules, the Identifier's gaps, the Organizer's stages and mastery
+gate, the Adapter's checks, and the whole curriculum on tiny models (plan, synthesis, synthetic
+caches, distillation through the stages, resume, report)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from test_evaluate import one_torch_thread  # noqa: F401 (fixture)
+from typer.testing import CliRunner
+
+from scd_pipeline import ioa, scoring
+from scd_pipeline.batching import read_split
+from scd_pipeline.cli import app
+from scd_pipeline.config import load_config
+from scd_pipeline.curriculum import (
+    ADVANCE,
+    ADVANCE_UNMASTERED,
+    REMEDIAL,
+    NgramIndex,
+    PlannedModule,
+    assign_modules,
+    dependency_strength,
+    identify,
+    mastery_decision,
+    merge_stages,
+    ngram_containment,
+    organize,
+    replay_count,
+    strata_edges,
+    zpd_report,
+)
+from scd_pipeline.distill import run_distill
+from scd_pipeline.errors import ConfigError, DataError
+from scd_pipeline.logit_cache import open_task_cache
+from scd_pipeline.methods import parse_method
+from scd_pipeline.synthesize import (
+    candidate_body,
+    near_duplicate_reason,
+    register_pools,
+    writes_options,
+)
+
+# --------------------------------------------------------------------------- modules
+
+
+def test_modules_are_the_tags_or_three_nll_strata_fixed_once():
+    assert assign_modules(["a", "b", "a"], [0.1, 0.2, 0.3]).modules == ["a", "b", "a"]
+    nll = [0.9, 0.1, 0.5, 0.3, 0.7, 0.2]
+    # quantiles 1/3 and 2/3 of the sorted {0.1, 0.2, 0.3, 0.5, 0.7, 0.9} (linear, positions 5/3
+    # and 10/3): 0.2 + (2/3)(0.3 - 0.2) and 0.5 + (1/3)(0.7 - 0.5)
+    edges = strata_edges(nll)
+    assert edges == pytest.approx([0.2 + 0.1 * 2 / 3, 0.5 + 0.2 / 3])
+    assigned = assign_modules(["only"] * 6, nll)
+    assert assigned.basis == "strata" and assigned.edges == pytest.approx(edges)
+    assert assigned.modules == ["advanced", "introductory", "intermediate", "intermediate", "advanced",
+                                "introductory"]
+    # validation rows are placed by the training rows' edges, not by their own quantiles
+    assert assign_modules(["only"] * 2, [0.0, 5.0], edges).modules == ["introductory", "advanced"]
+
+
+# --------------------------------------------------------------------------- identifier
+
+
+def test_gap_severity_and_deficient_set_by_hand():
+    teacher = {"a": 0.8, "b": 0.5, "c": 0.0, "d": 0.6}
+    student = {"a": 0.4, "b": 0.45, "c": 0.1, "d": 0.42}
+    gaps = {g.module: g for g in identify(teacher, student, tau_gap=0.3, gap_weight=0.7,
+                                          dependency={"b": 0.5})}
+    assert gaps["a"].gap == pytest.approx(0.5)           # (0.8 - 0.4) / 0.8
+    assert gaps["b"].gap == pytest.approx(0.1)           # (0.5 - 0.45) / 0.5
+    assert gaps["c"].gap == 0.0                          # the teacher scores 0: nothing to close
+    assert gaps["d"].gap == pytest.approx(0.3)           # exactly tau: not above it
+    assert gaps["b"].severity == pytest.approx(0.7 * 0.1 + 0.3 * 0.5)
+    assert gaps["a"].severity == pytest.approx(0.35)
+    assert [m for m, g in gaps.items() if g.deficient] == ["a"]
+    # sorted by severity, highest first
+    assert [g.module for g in identify(teacher, student, dependency={"b": 0.5})] == ["a", "b", "d", "c"]
+
+
+def test_dependency_strength_follows_ioas_conditional_performance_definition():
+    # prerequisite i: ratios 0.95, 0.5, 1.0, 0.6 (P_T = 1); dependent j's scores in those states
+    value = dependency_strength([0.95, 0.5, 1.0, 0.6], [0.8, 0.2, 0.6, 0.4], 1.0)
+    mastered, unmastered = (0.8 + 0.6) / 2, (0.2 + 0.4) / 2
+    assert value == pytest.approx((mastered - unmastered) / mastered, rel=1e-6)
+    assert dependency_strength([0.95, 1.0], [0.1, 0.2], 1.0) is None  # never unmastered: unknown
+    assert dependency_strength([0.95, 0.2], [0.1, 0.5], 1.0) == 0.0   # clipped at 0
+
+
+# --------------------------------------------------------------------------- organizer
+
+
+def module(name: str, teacher: float, student: float, rows: int = 20) -> PlannedModule:
+    return PlannedModule(name, teacher, student, rows)
+
+
+def test_stages_go_easiest_first_and_merge_within_the_zone_of_proximal_development():
+    modules = [module("hard", 0.5, 0.30), module("easy", 0.9, 0.80), module("easy2", 0.85, 0.75),
+               module("mid", 0.7, 0.62)]
+    stages = merge_stages(modules, tau_zpd=0.15)
+    # by P_T: easy, easy2, mid, hard. easy2's 0.75 is within 0.15 x 0.80 of 0.80: merged;
+    # mid's 0.62 is 0.155 below that stage's mean 0.775 > 0.116: a new stage; hard likewise.
+    assert [s.names for s in stages] == [["easy", "easy2"], ["mid"], ["hard"]]
+    assert stages[0].mean_student == pytest.approx(0.775)
+    report = zpd_report(stages, 0.15)
+    assert [r["within_zpd"] for r in report] == [False, False]
+    assert report[0]["allowed_drop"] == pytest.approx(0.15 * 0.775)
+
+
+def test_a_stage_that_steps_too_far_is_split_into_its_easier_and_harder_half():
+    modules = [module("easy", 0.9, 0.8), module("hard", 0.6, 0.4)]
+    halves = {"hard": (PlannedModule("hard/easier", 0.7, 0.75, 10, "hard", "easier"),
+                       PlannedModule("hard/harder", 0.5, 0.05, 10, "hard", "harder")),
+              "easy": (PlannedModule("easy/easier", 0.9, 0.9, 10, "easy", "easier"),
+                       PlannedModule("easy/harder", 0.9, 0.7, 10, "easy", "harder"))}
+    stages = organize(modules, 0.15, halves, min_split_rows=8)
+    assert [s.names for s in stages] == [["easy"], ["hard/easier"], ["hard/harder"]]
+    assert stages[1].split_from == ["hard"]
+    # halves with too few validation rows to be scored: the stage stays whole
+    small = {k: tuple(PlannedModule(p.name, p.teacher, p.student, 3, p.parent, p.part) for p in v)
+             for k, v in halves.items()}
+    assert [s.names for s in organize(modules, 0.15, small, min_split_rows=8)] == [["easy"], ["hard"]]
+    # a step within the ZPD is never split
+    assert [s.names for s in organize([module("a", 0.9, 0.8), module("b", 0.8, 0.75)], 0.15, halves)] == [["a", "b"]]
+
+
+def test_mastery_gate_advances_repeats_and_stops_after_max_remedial():
+    assert mastery_decision({"a": 0.95, "b": 0.9}, 0.9, 0, 5) == ADVANCE
+    assert mastery_decision({"a": 0.95, "b": 0.89}, 0.9, 0, 5) == REMEDIAL
+    assert mastery_decision({"a": 0.95, "b": 0.89}, 0.9, 4, 5) == REMEDIAL
+    assert mastery_decision({"a": 0.95, "b": 0.89}, 0.9, 5, 5) == ADVANCE_UNMASTERED
+    assert mastery_decision({"a": 0.93}, 0.95, 0, 0) == ADVANCE_UNMASTERED
+
+
+def test_replay_makes_earlier_stages_the_configured_share_of_a_pass():
+    assert replay_count(40, 100, 0.2) == 10       # 10 / (40 + 10) = 0.2
+    assert replay_count(40, 6, 0.2) == 6          # at most what earlier stages hold
+    assert replay_count(40, 100, 0.0) == 0 and replay_count(40, 0, 0.2) == 0
+
+
+def test_plan_from_hand_made_scores_marks_the_deficient_module_and_orders_stages():
+    train = pd.DataFrame({"sample_id": [f"t{i}" for i in range(8)], "tag": ["x"] * 4 + ["y"] * 4})
+    train_nll = np.array([0.1, 0.2, 0.3, 0.4, 1.0, 2.0, 3.0, 4.0])
+    val = pd.DataFrame({"sample_id": [f"v{i}" for i in range(6)], "tag": ["x", "x", "x", "y", "y", "y"],
+                        "teacher_score": [1, 1, 0, 1, 1, 0.0], "student_score": [1, 1, 0, 0, 0, 0.0],
+                        "teacher_nll": [0.1, 0.2, 0.5, 1.0, 1.5, 3.5]})
+    settings = load_config(None, {})["ioa"]
+    plan, scored = ioa.build_plan(train, train_nll, val, settings)
+    by_module = {m["module"]: m for m in plan["modules"]}
+    assert by_module["y"]["gap"] == pytest.approx(1.0) and by_module["x"]["gap"] == 0.0
+    assert plan["deficient"] == ["y"]
+    assert [[u["unit"] for u in s["units"]] for s in plan["stages"]] == [["x"], ["y"]]  # no split: 3 val rows
+    assert scored["unit"].tolist() == ["x", "x", "x", "y", "y", "y"]
+    assert plan["dependency"] == ioa.DEPENDENCY_NOTE
+
+
+# --------------------------------------------------------------------------- adapter checks
+
+
+def test_a_new_items_body_ends_at_the_first_blank_line_within_its_budget():
+    assert candidate_body("A case of rash.\n\nQuestion 5:\nmore", budget_hit=True) == "A case of rash."
+    assert candidate_body("A case of rash that never ends", budget_hit=True) is None
+    assert candidate_body("A case of rash.", budget_hit=False) == "A case of rash."
+    assert candidate_body("  \n\nQuestion", budget_hit=False) is None
+    assert writes_options("A case.\nA. yes\nB. no") and not writes_options("A case of B. cereus.")
+
+
+def test_near_duplicates_of_evaluation_training_or_kept_items_are_named():
+    evaluation = NgramIndex(["the patient took aspirin and developed a rash after two days"], 4)
+    training = NgramIndex(["a man on warfarin had bleeding gums that stopped after the dose was lowered"], 4)
+    kept = NgramIndex([], 4)
+    assert near_duplicate_reason("The patient took Aspirin and developed a rash after two days.",
+                                 evaluation, training, kept, 0.6) == "overlaps_eval"
+    assert near_duplicate_reason("A man on warfarin had bleeding gums that stopped after the dose was lowered",
+                                 evaluation, training, kept, 0.6) == "copies_train"
+    fresh = "a woman on metformin reported nausea which settled within a week of stopping"
+    assert near_duplicate_reason(fresh, evaluation, training, kept, 0.6) is None
+    kept.add(fresh)
+    assert near_duplicate_reason(fresh, evaluation, training, kept, 0.6) == "duplicate"
+    # containment by hand: 2 of the item's 3 word 4-grams occur in the reference
+    assert ngram_containment("a b c d e f", "x a b c d e y", 4) == pytest.approx(2 / 3)
+
+
+def test_register_pools_use_the_modules_own_difficulty_and_length():
+    rows = pd.DataFrame({"sample_id": list("abcdef"), "teacher_nll": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6],
+                         "body_tokens": [30, 10, 20, 5, 50, 40]})
+    pools = register_pools(rows)
+    assert pools["bridging"]["sample_id"].tolist() == ["e", "f"]      # hardest third by T* NLL
+    assert pools["remedial"]["sample_id"].tolist() == ["b", "c"]      # shortest of the easier half
+    assert len(pools["standard"]) == 6
+
+
+# --------------------------------------------------------------------------- methods
+
+
+def test_ioa_composes_with_schedules_and_weightings():
+    assert parse_method("ioa").name == "ioa" and parse_method("ioa").schedule == "td"
+    assert parse_method("ioa").curriculum and not parse_method("td").curriculum
+    assert parse_method("scd_aw+ioa").name == "scd_aw+ioa" and parse_method("scd_aw+ioa").label == "SCD+AW+IOA"
+    assert parse_method("td+ioa").name == "ioa"
+    assert parse_method("cd+paced+ioa").name == "cd+paced+ioa"
+    with pytest.raises(ConfigError, match="TAID's t schedule"):
+        parse_method("taid+ioa")
+    with pytest.raises(ConfigError, match="each once"):
+        parse_method("ioa+ioa")
+
+
+# --------------------------------------------------------------------------- the curriculum on tiny models
+
+DEFICIENT = "agreeing_cues"
+PER_PROMPT = 6
+TINY = {
+    "task": "demo", "results_dir": "results",
+    "data": {"demo": {"n_examples": 200, "test_size": 8}, "max_train_samples": 24},
+    "models": {"teacher": {"source": "tiny:llama"}, "student": {"keep_every": 2}},
+    "sft": {"batch_size": 4, "val_max_samples": 8, "teacher": {"n_checkpoints": 2, "epochs": 1, "lr": 0.01},
+            "student": {"epochs": 1, "lr": 0.01}},
+    "cache": {"top_k": 8},
+    "subdomains": {"probe_size": 8},
+    "distill": {"phases": 2, "epochs_per_phase": 1, "batch_size": 4, "log_every": 1},
+    "ioa": {"max_remedial": 1, "synthesis": {"prompts_per_register": 1, "per_prompt": PER_PROMPT,
+                                             "min_confidence": 0.0, "max_items_per_module": 2,
+                                             "batch_size": 2}},
+}
+
+
+def run_cli(root: Path, *args: str) -> str:
+    old = os.getcwd()
+    os.chdir(root)
+    try:
+        result = CliRunner().invoke(app, [*args, "--config", "tiny.yaml"])
+    finally:
+        os.chdir(old)
+    assert result.exit_code == 0, (args, result.output)
+    return result.output
+
+
+def fake_generate(bodies: dict[str, str]):
+    """Stands in for the teacher's sampling: per prompt, one item of each fate (see the test)."""
+    calls = {"n": 0}
+
+    def generate(model, tokenizer, prompts, max_new_tokens, stop_ids, samples=1, temperature=0.0):
+        outputs = []
+        for _ in prompts:
+            calls["n"] += 1
+            fresh = f"Case {calls['n']}: a patient started drug {calls['n']} and a rash began three days later."
+            texts = [(fresh + "\n\nQuestion", True),                      # kept (unless over the cap)
+                     ("a body that runs on and on " * 20, False),         # no end within its budget
+                     ("A case.\nA. unrelated\nB. unlikely\n\n", True),    # writes its own options
+                     (bodies["val"] + "\n\n", True),                      # a validation row's text
+                     (bodies["train"] + "\n\n", True),                    # a training row's text
+                     (fresh + "\n\n", True)]                              # the first item again
+            assert len(texts) == samples
+            outputs += [(tokenizer(text, add_special_tokens=False).input_ids, stopped) for text, stopped in texts]
+        return outputs
+
+    return generate
+
+
+def weaker_student_on(tag: str):
+    """The SFT student scores 0 on ``tag``'s validation rows, T* scores 1 on every row: ``tag`` is
+    the one deficient module (the rest of the plan runs on the models' real predictions)."""
+    real = ioa._val_predictions
+
+    def predictions(model_dir, frame, config, where):
+        scored = real(model_dir, frame, config, where)
+        student = Path(model_dir).name == "student_sft"
+        scored["score"] = np.where(student & (frame["tag"].to_numpy() == tag), 0.0, 1.0)
+        return scored
+
+    return predictions
+
+
+@pytest.fixture(scope="module")
+def curriculum_run(tmp_path_factory):
+    """The tiny pipeline up to two curriculum students (ioa, scd_aw+ioa), with one deficient
+    module and scripted teacher generations; returns the folder."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("ioa")
+    (root / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    for command in (["prepare-model", "--role", "teacher"], ["prepare-model", "--role", "student"],
+                    ["prepare-data"], ["sft", "--role", "teacher"], ["sft", "--role", "student"],
+                    ["cache-logits", "--checkpoint", "1"], ["cache-logits", "--checkpoint", "2"],
+                    ["estimate-subdomains"]):
+        run_cli(root, *command)
+    task = root / "results" / "demo"
+    val = read_split(task / "data" / "val.parquet")
+    train = read_split(task / "data" / "train.parquet")
+    bodies = {"val": val["question"].iat[0].split("\nA. ")[0], "train": train["question"].iat[0].split("\nA. ")[0]}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ioa, "_val_predictions", weaker_student_on(DEFICIENT))
+        run_cli(root, "ioa-plan")
+        patch.setattr(scoring, "generate", fake_generate(bodies))
+        run_cli(root, "synthesize")
+    for command in (["cache-logits", "--synthetic", "--checkpoint", "1"],
+                    ["cache-logits", "--synthetic", "--checkpoint", "2"],
+                    ["estimate-subdomains", "--synthetic"], ["distill", "--method", "ioa"],
+                    ["distill", "--method", "scd_aw+ioa"]):
+        run_cli(root, *command)
+    return root
+
+
+def test_plan_marks_the_weaker_module_deficient_and_stages_it_last(curriculum_run):
+    plan = json.loads((curriculum_run / "results/demo/ioa/plan.json").read_text())
+    assert plan["deficient"] == [DEFICIENT] and plan["basis"] == "tag"
+    assert plan["stages"][-1]["units"][0]["module"] == DEFICIENT  # P_S 0 against 1 elsewhere: hardest
+    scores = pd.read_parquet(curriculum_run / "results/demo/ioa/val_scores.parquet")
+    assert set(scores.columns) >= {"sample_id", "tag", "unit", "teacher_score", "student_score", "teacher_nll"}
+
+
+def test_synthesis_keeps_only_items_that_parse_and_are_new_and_says_why_the_others_went(curriculum_run):
+    task = curriculum_run / "results/demo"
+    summary = json.loads((task / "ioa/synthesis.json").read_text())
+    assert summary["deficient"] == [DEFICIENT] and summary["prompts"] == 3  # one per register
+    assert summary["generated"] == 3 * PER_PROMPT
+    # per prompt: 2 unparsable (no end, own options), 1 overlaps a validation row, 1 copies a
+    # training row, and a fresh item followed by its repeat. The module's cap (2) keeps the first
+    # two fresh items (their repeats are duplicates); the third fresh item and its repeat are over it.
+    assert summary["rejected"] == {"unparsable": 6, "unconfident": 0, "overlaps_eval": 3, "copies_train": 3,
+                                   "duplicate": 2, "over_cap": 2}
+    assert summary["kept"] == 2
+    items = read_split(task / "data/synthetic.parquet")
+    train = read_split(task / "data/train.parquet")
+    assert set(train.columns) < set(items.columns)
+    assert {"module", "register", "source_ids", "teacher_confidence"} <= set(items.columns)
+    assert items["module"].unique().tolist() == [DEFICIENT]
+    assert items["register"].tolist() == ["remedial", "standard"]
+    assert all(set(ids) <= set(train["sample_id"]) for ids in items["source_ids"])
+    # the teacher's own answer: its most probable letter, and that letter's probability
+    assert items["answer"].isin(["A", "B", "C", "D"]).all()
+    assert ((items["teacher_confidence"] > 0) & (items["teacher_confidence"] <= 1)).all()
+    assert not (task / ".state/synthesize").exists()  # the resume log is gone once published
+
+
+def test_an_unconfident_teacher_keeps_nothing(curriculum_run, tmp_path):
+    root = tmp_path / "copy"
+    shutil.copytree(curriculum_run, root, copy_function=shutil.copy2, ignore=shutil.ignore_patterns("students"))
+    task = root / "results/demo"
+    val = read_split(task / "data/val.parquet")
+    train = read_split(task / "data/train.parquet")
+    bodies = {"val": val["question"].iat[0].split("\nA. ")[0], "train": train["question"].iat[0].split("\nA. ")[0]}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(scoring, "generate", fake_generate(bodies))
+        run_cli(root, "synthesize", "--set", "ioa.synthesis.min_confidence=0.99")
+    summary = json.loads((task / "ioa/synthesis.json").read_text())
+    # confidence is checked after the format: every item that parses (4 per prompt) goes for it
+    assert summary["kept"] == 0 and summary["rejected"]["unconfident"] == 3 * 4
+    assert summary["rejected"]["unparsable"] == 3 * 2
+    assert len(read_split(task / "data/synthetic.parquet")) == 0
+
+
+def test_a_synthetic_cache_of_other_items_is_refused(curriculum_run, tmp_path):
+    root = tmp_path / "copy"
+    shutil.copytree(curriculum_run, root, copy_function=shutil.copy2, ignore=shutil.ignore_patterns("students"))
+    task = root / "results/demo"
+    config = load_config(root / "tiny.yaml", {"results_dir": str(root / "results")})
+    open_task_cache(config, 2, synthetic=True)  # current: accepted
+    items = pd.read_parquet(task / "data/synthetic.parquet")
+    items.iloc[:1].to_parquet(task / "data/synthetic.parquet", index=False)  # the items changed
+    with pytest.raises(DataError, match="dataset_fingerprint"):
+        open_task_cache(config, 2, synthetic=True)
+    with pytest.raises(DataError, match="dataset_fingerprint"):
+        run_distill(config, "ioa", name="stale")
+
+
+def test_curriculum_trains_stage_by_stage_through_the_mastery_gates(curriculum_run):
+    task = curriculum_run / "results/demo"
+    plan = json.loads((task / "ioa/plan.json").read_text())
+    record = json.loads((task / "students/ioa/curriculum.json").read_text())
+    schedule = json.loads((task / "students/ioa/schedule.json").read_text())
+    passes = record["passes"]
+    assert [p["stage"] for p in passes if p["kind"] == "first"] == list(range(1, len(plan["stages"]) + 1))
+    teacher = record["teacher_scores"]
+    for entry in passes:  # every gate: the live student's score per unit against P_T, then the rule
+        ratios = {u: entry["scores"][u] / teacher[u] for u in entry["units"]}
+        assert entry["ratios"] == pytest.approx(ratios)
+        # remedial rounds the stage has had when this gate decides (this pass included)
+        remedial_done = sum(p["kind"] == "remedial" for p in passes
+                            if p["stage"] == entry["stage"] and p["pass"] <= entry["pass"])
+        assert entry["decision"] == mastery_decision(ratios, 0.9, remedial_done, 1)
+    # max_remedial 1: a stage has at most 2 passes, the second one remedial
+    for stage in {p["stage"] for p in passes}:
+        kinds = [p["kind"] for p in passes if p["stage"] == stage]
+        assert kinds in (["first"], ["first", "remedial"])
+    # the deficient module's stage trains on its synthetic items, later stages replay earlier ones
+    last = [p for p in passes if p["units"] == [DEFICIENT] and p["kind"] == "first"][0]
+    assert last["rows"]["synthetic"] == 1 and last["rows"]["replay"] > 0  # the standard item
+    assert len(schedule["phases"]) == len(passes)
+    assert all(phase["checkpoint"] == schedule["best_index"] for phase in schedule["phases"])  # ioa: T*
+    scd = json.loads((task / "students/scd_aw+ioa/schedule.json").read_text())
+    assert all(phase["candidates"] for phase in scd["phases"])  # SCD's choice at every pass start
+
+
+def test_a_killed_curriculum_run_resumes_mid_stage_to_the_same_student(curriculum_run, tmp_path):
+    root = tmp_path / "copy"
+    shutil.copytree(curriculum_run, root, copy_function=shutil.copy2)
+    config = load_config(root / "tiny.yaml", {"results_dir": str(root / "results"),
+                                              "distill.resume_every_minutes": 0})
+    reference = json.loads((root / "results/demo/students/ioa/curriculum.json").read_text())
+    middle = reference["passes"][1]
+    kill_at = middle["first_step"]  # inside the second pass, after its first step
+
+    def kill(info):
+        if info.step == kill_at:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_distill(config, "ioa", name="resumed", after_step=kill)
+    steps = []
+    run_distill(config, "ioa", name="resumed", after_step=steps.append)
+    assert steps[0].step == kill_at + 1
+    students = root / "results/demo/students"
+    assert json.loads((students / "resumed/curriculum.json").read_text())["passes"] == reference["passes"]
+    from safetensors.torch import load_file
+
+    expected = load_file(students / "ioa" / "model.safetensors")
+    for key, value in load_file(students / "resumed" / "model.safetensors").items():
+        torch.testing.assert_close(value, expected[key])
+
+
+def test_report_shows_the_curriculum_rows_plot_and_synthesis_yield(curriculum_run):
+    for model in ("students/ioa", "students/scd_aw+ioa", "student_sft", "teacher/ckpt-2"):
+        run_cli(curriculum_run, "evaluate", "--model", f"results/demo/{model}")
+    run_cli(curriculum_run, "report", "--set", "distill.methods=[ioa,scd_aw+ioa]")
+    task = curriculum_run / "results/demo"
+    text = (task / "report.md").read_text()
+    assert "| IOA " in text and "| SCD+AW+IOA " in text
+    assert "## IOA curriculum" in text and "### Synthetic data (Adapter)" in text
+    assert (task / "plots/curriculum_ioa.png").is_file() and (task / "plots/curriculum_scd_aw_ioa.png").is_file()
+    assert re.search(rf"\|\s*{DEFICIENT}\s*\|\s*remedial\s*\|\s*{PER_PROMPT}\s*\|\s*1\s*\|", text)
+    summary = pd.read_csv(task / "summary.csv")
+    assert {"IOA", "SCD+AW+IOA"} <= set(summary["model"])
+
+
+def test_curriculum_commands_have_help():
+    for command in ("ioa-plan", "synthesize"):
+        result = CliRunner().invoke(app, [command, "--help"])
+        assert result.exit_code == 0 and "IOA" in result.output
+    assert "--synthetic" in CliRunner().invoke(app, ["cache-logits", "--help"]).output
