@@ -110,3 +110,18 @@ def test_several_gpus_launch_training_with_one_process_per_gpu(tmp_path):
                for s in shells)
     _, shells = dry_run(tmp_path / "one", "resources={gpus: 1}")
     assert not any("accelerate" in s for s in shells)
+
+
+def test_curriculum_methods_add_the_ioa_stages_once_and_only_for_themselves(tmp_path):
+    jobs, shells = dry_run(tmp_path / "a", "distill={methods: [td, ioa, scd_aw+ioa]}")
+    for rule in ("ioa_plan", "synthesize", "estimate_subdomains_synthetic"):
+        assert jobs[rule] == 1, rule
+    assert jobs["cache_logits_synthetic"] == jobs["cache_logits"] == 2  # one per teacher checkpoint
+    assert jobs["distill"] == 3
+    assert any("cache-logits --synthetic --checkpoint 2" in s for s in shells)
+    # ioa weights no samples: no AW of the synthetic items is needed
+    jobs, _ = dry_run(tmp_path / "b", "distill={methods: [td, ioa]}")
+    assert jobs["synthesize"] == 1 and jobs["estimate_subdomains_synthetic"] == 0
+    # without a curriculum method none of IOA's stages is planned
+    jobs, _ = dry_run(tmp_path / "c")
+    assert not any(jobs[rule] for rule in ("ioa_plan", "synthesize", "cache_logits_synthetic"))
