@@ -45,7 +45,9 @@ def _describe(error: jsonschema.ValidationError) -> str:
         expected = error.validator_value
         expected = [expected] if isinstance(expected, str) else expected
         names = " or ".join(_TYPE_NAMES.get(t, t) for t in expected)
-        return f"config key {where}: expected {names}, got {error.instance!r}"
+        hint = ("; YAML reads an unquoted yes / no / true / false as a boolean: quote it, e.g. \"yes\""
+                if isinstance(error.instance, bool) and "string" in expected else "")
+        return f"config key {where}: expected {names}, got {error.instance!r}{hint}"
     if error.validator == "enum":
         return f"config key {where}: {error.instance!r} is not one of {error.validator_value}"
     if error.validator == "required":

@@ -284,13 +284,14 @@ def truncate_log(path: Path, last_step: int) -> None:
     """
     if not path.is_file():
         return
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    numbered = [(number, line) for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+                if line.strip()]  # numbers as an editor shows them, blank lines skipped
     kept = []
-    for number, line in enumerate(lines, start=1):
+    for position, (number, line) in enumerate(numbered, start=1):
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            if number == len(lines):
+            if position == len(numbered):
                 break  # a torn tail: the record being written when the process died
             raise DataError(f"{path}: line {number} is not a JSON record (the file was damaged); delete "
                             f"the folder {path.parent} to restart this run from the beginning") from None
@@ -471,6 +472,8 @@ def run_training(recipe: Recipe, accelerator, model: torch.nn.Module, tokenizer,
 
     saved = read_resume_progress(state_dir)
     if saved is not None and saved["fingerprint"] == fingerprint:
+        if accelerator.is_main_process:
+            truncate_log(log_path, saved["step"])  # a damaged log stops the run before it resumes
         progress = restore_resume_state(accelerator, state_dir)
         tqdm.write(f"{recipe.description}: resuming at step {progress['step']} from {state_dir}")
     else:

@@ -46,6 +46,8 @@ def test_user_file_merges_onto_defaults(tmp_path):
         ({"models.student.keep_every": 1.5}, "config key models.student.keep_every: expected an integer or null"),
         ({"task": "unknown"}, "config key task: 'unknown' is not one of"),
         ({"sft.teacher.n_checkpoints": 0}, "config key sft.teacher.n_checkpoints:"),
+        ({"data.system_prompt": True}, "config key data.system_prompt: expected a string, got True; YAML reads "
+                                       "an unquoted yes / no / true / false as a boolean: quote it"),
     ],
 )
 def test_schema_errors_name_the_key_path_and_expected_type(overrides, message):

@@ -15,7 +15,7 @@ from test_evaluate import one_torch_thread, tiny_config, write_choice_task  # no
 from scd_pipeline import sft as sft_module
 from scd_pipeline.batching import frame_batch
 from scd_pipeline.checkpoints import best_checkpoint_index
-from scd_pipeline.errors import ConfigError
+from scd_pipeline.errors import ConfigError, DataError
 from scd_pipeline.models import load_model
 from scd_pipeline.scoring import mean_gold_nll, predict_split
 from scd_pipeline.sft import run_sft, sft_paths
@@ -193,6 +193,38 @@ def test_killed_teacher_run_resumes_to_the_same_weights(teacher_run, tmp_path, m
     log = [json.loads(line) for line in (paths.output / "train_log.jsonl").read_text().splitlines()]
     assert [line["step"] for line in log if "event" not in line] == list(range(1, 9))  # step 5 once
     assert not paths.state.exists()
+
+
+def test_a_torn_log_tail_is_dropped_and_a_damaged_line_is_named(tmp_path, capsys):
+    results = write_choice_task(tmp_path)
+    config = tiny_config(results, **TEACHER_SETTINGS)
+    paths = sft_paths(config, "teacher")
+
+    def kill_after_step_5(result):
+        if result.step == 5:
+            raise KeyboardInterrupt("simulated kill")
+
+    with pytest.raises(KeyboardInterrupt):
+        run_sft(config, "teacher", after_step=kill_after_step_5)
+    log = paths.state / "train_log.jsonl"
+    intact = log.read_text()
+    shutil.copytree(paths.state, tmp_path / "state-copy")
+    # A blank line, a damaged record on file line 3, more records: the run refuses to resume and
+    # names the line an editor shows, before it says anything about resuming.
+    lines = intact.splitlines()
+    log.write_text("\n".join([lines[0], "", "{not json", *lines[1:]]) + "\n")
+    capsys.readouterr()
+    with pytest.raises(DataError, match=r"train_log\.jsonl: line 3 is not a JSON record .* delete the folder"):
+        run_sft(config, "teacher")
+    assert "resuming" not in capsys.readouterr().out
+    # A last record cut mid-write (power loss): dropped, and the run resumes and finishes.
+    shutil.rmtree(paths.state)
+    shutil.copytree(tmp_path / "state-copy", paths.state)
+    log.write_text(intact[: len(intact) - 12])
+    shutil.rmtree(paths.output, ignore_errors=True)
+    run_sft(config, "teacher")
+    assert "resuming at step 4" in capsys.readouterr().out
+    assert json.loads((paths.output / "checkpoints.json").read_text())["best_index"] in range(1, 5)
 
 
 def test_resume_state_from_other_settings_is_not_used(tmp_path):
