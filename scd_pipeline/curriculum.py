@@ -41,6 +41,9 @@ VAL_SCORES_FILE = "val_scores.parquet"
 STRATA_NAMES = ("introductory", "intermediate", "advanced")
 EASIER, HARDER = "easier", "harder"
 ADVANCE, REMEDIAL, ADVANCE_UNMASTERED = "advance", "remedial", "advance_unmastered"
+# Scores are shares of a few validation rows: (0.5 - 0.35) / 0.5 is 0.30000000000000004 in floats,
+# exactly tau_gap in the rows it counts. Comparisons with a threshold allow for that rounding.
+GAP_TOLERANCE = 1e-9
 
 
 # --- knowledge modules --------------------------------------------------------------------------
@@ -118,7 +121,7 @@ def identify(teacher: Mapping[str, float], student: Mapping[str, float], tau_gap
         gap = relative_gap(teacher[module], student[module])
         strength = float(dependency.get(module, 0.0))
         gaps.append(ModuleGap(module, float(teacher[module]), float(student[module]), gap, strength,
-                              gap_weight * gap + (1 - gap_weight) * strength, gap > tau_gap))
+                              gap_weight * gap + (1 - gap_weight) * strength, gap > tau_gap + GAP_TOLERANCE))
     return sorted(gaps, key=lambda g: (-g.severity, g.module))
 
 
@@ -231,11 +234,16 @@ def zpd_report(stages: Sequence[Stage], tau_zpd: float) -> list[dict]:
     return report
 
 
+def mastered(ratio: float, tau_mastery: float) -> bool:
+    """P_S / P_T reaches τ_mastery (up to float rounding of the row shares)."""
+    return ratio >= tau_mastery - GAP_TOLERANCE
+
+
 def mastery_decision(ratios: Mapping[str, float], tau_mastery: float, remedial_done: int,
                      max_remedial: int) -> str:
     """After a pass: ``advance`` when min P_S/P_T >= τ_mastery; else ``remedial`` while fewer than
     ``max_remedial`` remedial rounds were given in this stage; else ``advance_unmastered``."""
-    if min(ratios.values()) >= tau_mastery:
+    if all(mastered(ratio, tau_mastery) for ratio in ratios.values()):
         return ADVANCE
     return REMEDIAL if remedial_done < max_remedial else ADVANCE_UNMASTERED
 

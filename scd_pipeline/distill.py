@@ -58,6 +58,7 @@ from scd_pipeline.curriculum import (
     VAL_SCORES_FILE,
     dependency_strength,
     ioa_dir,
+    mastered,
     mastery_decision,
     mastery_ratio,
     member_of,
@@ -527,7 +528,7 @@ class CurriculumRecipe(DistillRecipe):
                        "last_step": ctx.progress["step"]})
         if decision == REMEDIAL:
             state["remedial"] += 1
-            state["weak"] = sorted(u for u, r in ratios.items() if r < self.ioa["tau_mastery"])
+            state["weak"] = sorted(u for u, r in ratios.items() if not mastered(r, self.ioa["tau_mastery"]))
         else:
             state.update(stage=state["stage"] + 1, remedial=0, weak=None)
 

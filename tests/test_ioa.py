@@ -80,6 +80,8 @@ def test_gap_severity_and_deficient_set_by_hand():
     assert gaps["b"].gap == pytest.approx(0.1)           # (0.5 - 0.45) / 0.5
     assert gaps["c"].gap == 0.0                          # the teacher scores 0: nothing to close
     assert gaps["d"].gap == pytest.approx(0.3)           # exactly tau: not above it
+    # 7 of 20 rows against 10 of 20: a gap of exactly 0.3, which floats compute as 0.30000000000000004
+    assert not identify({"m": 10 / 20}, {"m": 7 / 20}, tau_gap=0.3)[0].deficient
     assert gaps["b"].severity == pytest.approx(0.7 * 0.1 + 0.3 * 0.5)
     assert gaps["a"].severity == pytest.approx(0.35)
     assert [m for m, g in gaps.items() if g.deficient] == ["a"]
@@ -139,6 +141,7 @@ def test_mastery_gate_advances_repeats_and_stops_after_max_remedial():
     assert mastery_decision({"a": 0.95, "b": 0.89}, 0.9, 4, 5) == REMEDIAL
     assert mastery_decision({"a": 0.95, "b": 0.89}, 0.9, 5, 5) == ADVANCE_UNMASTERED
     assert mastery_decision({"a": 0.93}, 0.95, 0, 0) == ADVANCE_UNMASTERED
+    assert mastery_decision({"a": (9 / 12) / (10 / 12)}, 0.9, 0, 5) == ADVANCE  # 0.8999999999999999 in floats
 
 
 def test_replay_makes_earlier_stages_the_configured_share_of_a_pass():
