@@ -23,7 +23,8 @@ letter, list tasks T*'s greedy list. An item is kept only if
 3. it is not a near-duplicate (``overlaps_eval``, ``copies_train``, ``duplicate``): at most
    ``max_overlap`` of its word ``overlap_ngram``-grams (NFKC, lower-cased) occur in any one
    validation or test row, training row or already kept item;
-4. its module has fewer than ``max_items_per_module`` kept items (``over_cap``).
+4. its module has fewer than ``max_items_per_module`` kept items (``over_cap``); candidates are
+   taken in turn over the registers, so the cap keeps each register's share.
 
 Kept items have the split columns (docs/ARTIFACTS.md) plus ``module``, ``register``,
 ``source_ids`` (the prompt's seed rows) and ``teacher_confidence``; ``cache-logits --split
@@ -125,6 +126,18 @@ def near_duplicate_reason(body: str, evaluation: NgramIndex, training: NgramInde
 
 
 # --- the stage ---------------------------------------------------------------------------------------
+
+def interleaved(keys: Sequence[tuple[str, str]]) -> list[int]:
+    """Positions of ``keys`` ((module, register) per candidate) in turn over each module's registers:
+    the first candidate of every register, then the second of every register, and so on, so a
+    module's cap keeps each register's share instead of the first register's items only."""
+    rank, seen = [], Counter()
+    for key in keys:
+        rank.append(seen[key])
+        seen[key] += 1
+    order = {register: i for i, register in enumerate(REGISTERS)}
+    return sorted(range(len(keys)), key=lambda i: (keys[i][0], rank[i], order[keys[i][1]]))
+
 
 def _read_state(path: Path, fingerprint: str) -> dict[int, list[str]]:
     """Generated continuations per prompt index of a run with the same fingerprint (a torn last
@@ -315,7 +328,8 @@ def synthesize(config: dict) -> dict:
     training = NgramIndex(train["body"].tolist(), synthesis["overlap_ngram"])
     kept_index = NgramIndex([], synthesis["overlap_ngram"])
     kept_rows, kept_per_module = [], Counter()
-    for row, ((prompt, body), record) in enumerate(zip(candidates, records, strict=True)):
+    for row in interleaved([(prompt["module"], prompt["register"]) for prompt, _ in candidates]):
+        (prompt, body), record = candidates[row], records[row]
         key = (prompt["module"], prompt["register"])
         if kind == "list" and not (json.loads(record["answer"]) and
                                    list_items_in_body(json.loads(record["answer"]), body)):

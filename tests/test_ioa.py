@@ -45,6 +45,7 @@ from scd_pipeline.logit_cache import open_task_cache
 from scd_pipeline.methods import parse_method
 from scd_pipeline.synthesize import (
     candidate_body,
+    interleaved,
     near_duplicate_reason,
     register_pools,
     writes_options,
@@ -191,6 +192,15 @@ def test_near_duplicates_of_evaluation_training_or_kept_items_are_named():
     assert near_duplicate_reason(fresh, evaluation, training, kept, 0.6) == "duplicate"
     # containment by hand: 2 of the item's 3 word 4-grams occur in the reference
     assert ngram_containment("a b c d e f", "x a b c d e y", 4) == pytest.approx(2 / 3)
+
+
+def test_the_cap_takes_candidates_in_turn_over_the_registers():
+    # module m: 3 remedial, 2 standard, 1 bridging candidate, in generation order; module n: 1 each
+    keys = [("m", "remedial")] * 3 + [("m", "standard")] * 2 + [("m", "bridging"), ("n", "bridging"),
+                                                                  ("n", "remedial")]
+    order = interleaved(keys)
+    assert order == [0, 3, 5, 1, 4, 2, 7, 6]
+    assert [keys[i][1] for i in order[:3]] == ["remedial", "standard", "bridging"]  # a cap of 3 keeps one of each
 
 
 def test_register_pools_use_the_modules_own_difficulty_and_length():
