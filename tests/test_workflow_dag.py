@@ -32,6 +32,27 @@ TINY = {
 
 def dry_run(tmp_path: Path, *config: str) -> tuple[Counter, list[str]]:
     """Jobs per rule and the shell commands of a dry run in a fresh working directory."""
+    output = dry_run_output(tmp_path, *config)
+    stats = output.split("Job stats:")[1].split("total")[0]
+    jobs = Counter({m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", stats, re.M)})
+    shells = [line.split("Shell command: ", 1)[1] for line in output.splitlines()
+              if "Shell command: " in line]
+    return jobs, shells
+
+
+def gpus_by_rule(output: str) -> dict[str, set[int]]:
+    """The ``gpu`` resource each rule's planned jobs request, from a dry run's job blocks."""
+    found: dict[str, set[int]] = {}
+    for block in re.split(r"\n(?=(?:local)?rule \w+:)", output):
+        rule = re.match(r"(?:local)?rule (\w+):", block)
+        gpu = re.search(r"resources: .*\bgpu=(\d+)", block)
+        if rule and gpu:
+            found.setdefault(rule.group(1), set()).add(int(gpu.group(1)))
+    return found
+
+
+def dry_run_output(tmp_path: Path, *config: str) -> str:
+    """The stdout of ``snakemake -n -p`` on the tiny config in a fresh working directory."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(TINY))
     command = [SNAKEMAKE, "-n", "-p", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path / "work"),
@@ -39,11 +60,7 @@ def dry_run(tmp_path: Path, *config: str) -> tuple[Counter, list[str]]:
     result = subprocess.run(command, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    stats = result.stdout.split("Job stats:")[1].split("total")[0]
-    jobs = Counter({m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", stats, re.M)})
-    shells = [line.split("Shell command: ", 1)[1] for line in result.stdout.splitlines()
-              if "Shell command: " in line]
-    return jobs, shells
+    return result.stdout
 
 
 def test_replicates_fan_out_distillation_and_evaluation_only(tmp_path):
@@ -98,6 +115,12 @@ def test_distill_names_may_have_slash_separated_segments(tmp_path):
 
 
 def test_several_gpus_launch_training_with_one_process_per_gpu(tmp_path):
+    output = dry_run_output(tmp_path / "ddp", "resources={gpus: 2}")
+    # Only training asks the cluster for every GPU; caches and evaluations run one process on one.
+    gpus = gpus_by_rule(output)
+    assert {rule: gpus[rule] for rule in ("sft_teacher", "sft_student", "distill")} == {
+        "sft_teacher": {2}, "sft_student": {2}, "distill": {2}}
+    assert gpus["cache_logits"] == gpus["evaluate"] == gpus["estimate_subdomains"] == {1}, gpus
     _, shells = dry_run(tmp_path / "ddp", "resources={gpus: 2}")
     training = [s for s in shells if " sft --role " in s or " distill --method " in s]
     assert len(training) == 2 + 2  # teacher, student; td, scd_aw

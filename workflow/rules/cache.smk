@@ -24,7 +24,7 @@ rule cache_logits:
     resources:
         mem_mb=8000,
         runtime=120,
-        gpu=GPUS,
+        gpu=GPUS_ONE,
     shell:
         "OMP_NUM_THREADS={threads} {SCD} cache-logits --checkpoint {wildcards.k} "
         "--task {params.task} --config {CONFIG_FILE} > {log} 2>&1"
@@ -51,6 +51,6 @@ rule estimate_subdomains:
     resources:
         mem_mb=8000,
         runtime=60,
-        gpu=GPUS,
+        gpu=GPUS_ONE,
     shell:
         "OMP_NUM_THREADS={threads} {SCD} estimate-subdomains --task {params.task} --config {CONFIG_FILE} > {log} 2>&1"

@@ -13,7 +13,8 @@ TASK = config["task"]
 RESULTS = config["results_dir"]
 TASK_DIR = f"{RESULTS}/{TASK}"
 MODELS = f"{RESULTS}/models"
-GPUS = config["resources"]["gpus"]
+GPUS = config["resources"]["gpus"]  # the training rules (SFT, distill): one process per GPU
+GPUS_ONE = min(GPUS, 1)  # every other rule that runs a model: one process, at most one GPU
 CONDA_ENV = os.path.join(workflow.basedir, "envs", "scd-pipeline.yaml")
 
 

@@ -54,7 +54,7 @@ rule evaluate:
     resources:
         mem_mb=8000,
         runtime=60,
-        gpu=GPUS,
+        gpu=GPUS_ONE,
     shell:
         "OMP_NUM_THREADS={threads} {SCD} evaluate --model {input.model} --name '{wildcards.name}' "
         "--task {params.task} --config {CONFIG_FILE} > {log} 2>&1"

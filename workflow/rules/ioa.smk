@@ -29,7 +29,7 @@ rule ioa_plan:
     resources:
         mem_mb=8000,
         runtime=60,
-        gpu=GPUS,
+        gpu=GPUS_ONE,
     shell:
         "OMP_NUM_THREADS={threads} {SCD} ioa-plan --task {params.task} --config {CONFIG_FILE} > {log} 2>&1"
 
@@ -56,7 +56,7 @@ rule synthesize:
     resources:
         mem_mb=8000,
         runtime=120,
-        gpu=GPUS,
+        gpu=GPUS_ONE,
     shell:
         "OMP_NUM_THREADS={threads} {SCD} synthesize --task {params.task} --config {CONFIG_FILE} > {log} 2>&1"
 
@@ -85,7 +85,7 @@ rule cache_logits_synthetic:
     resources:
         mem_mb=8000,
         runtime=60,
-        gpu=GPUS,
+        gpu=GPUS_ONE,
     shell:
         "OMP_NUM_THREADS={threads} {SCD} cache-logits --synthetic --checkpoint {wildcards.k} "
         "--task {params.task} --config {CONFIG_FILE} > {log} 2>&1"
@@ -112,7 +112,7 @@ rule estimate_subdomains_synthetic:
     resources:
         mem_mb=8000,
         runtime=60,
-        gpu=GPUS,
+        gpu=GPUS_ONE,
     shell:
         "OMP_NUM_THREADS={threads} {SCD} estimate-subdomains --synthetic --task {params.task} "
         "--config {CONFIG_FILE} > {log} 2>&1"
