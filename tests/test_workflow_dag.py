@@ -32,7 +32,11 @@ TINY = {
 
 def dry_run(tmp_path: Path, *config: str) -> tuple[Counter, list[str]]:
     """Jobs per rule and the shell commands of a dry run in a fresh working directory."""
-    output = dry_run_output(tmp_path, *config)
+    return planned(dry_run_output(tmp_path, *config))
+
+
+def planned(output: str) -> tuple[Counter, list[str]]:
+    """Jobs per rule and the shell commands, from a dry run's output."""
     stats = output.split("Job stats:")[1].split("total")[0]
     jobs = Counter({m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", stats, re.M)})
     shells = [line.split("Shell command: ", 1)[1] for line in output.splitlines()
@@ -121,7 +125,7 @@ def test_several_gpus_launch_training_with_one_process_per_gpu(tmp_path):
     assert {rule: gpus[rule] for rule in ("sft_teacher", "sft_student", "distill")} == {
         "sft_teacher": {2}, "sft_student": {2}, "distill": {2}}
     assert gpus["cache_logits"] == gpus["evaluate"] == gpus["estimate_subdomains"] == {1}, gpus
-    _, shells = dry_run(tmp_path / "ddp", "resources={gpus: 2}")
+    _, shells = planned(output)
     training = [s for s in shells if " sft --role " in s or " distill --method " in s]
     assert len(training) == 2 + 2  # teacher, student; td, scd_aw
     assert all("accelerate launch --multi_gpu --num_processes 2 --num_machines 1 -m scd_pipeline" in s
