@@ -13,9 +13,17 @@ is not run again.
 Ablations are scored on the **validation** split by default (``--split``): choosing a recipe on
 the test rows would tune it to the rows that later judge it. Intervals: the package's paired
 bootstrap over rows and seeds (``scd_pipeline.stats``), the same resamples for every variant.
+Two reference rows are scored on the same split: T* (the run's best teacher checkpoint) and the
+run's SFT student, so the table shows the teacher's margin the variants could close.
+
+``--student-keep-every K`` asks whether a smaller student (a larger teacher margin) is what
+distillation needs: the work folder then prepares its own depth-pruned student (every K-th
+layer), trains its SFT student and estimates its subdomains (the teacher, its checkpoints and
+caches stay the run's), and every variant and the control use that student.
 
     .venv/bin/python benchmarks/bench_recipe.py --results results --seeds 3
     .venv/bin/python benchmarks/bench_recipe.py --variants sft,td,td-init-sft --seeds 3
+    .venv/bin/python benchmarks/bench_recipe.py --variants td,scd_aw --student-keep-every 6
     .venv/bin/python benchmarks/bench_recipe.py --tiny      # CI-size check on tiny models (~2 min)
 """
 
@@ -54,6 +62,10 @@ VARIANTS: dict[str, tuple[str, dict]] = {
 }
 # The run's inputs a distillation reads (linked into the work folder, never written there).
 LINKED = ("data", "teacher", "logits", "student_sft", "subdomains.parquet", "subdomains.json")
+# The student's side of them: built in the work folder instead when the student changes.
+STUDENT_SIDE = ("student_sft", "subdomains.parquet", "subdomains.json")
+# Reference rows (one model each, no seeds): T* and the SFT student, scored on the same split.
+REFERENCES = ("T*", "student_sft")
 TINY = {
     "task": "demo", "results_dir": "results",
     "data": {"demo": {"n_examples": 120, "test_size": 8}, "max_train_samples": 24},
@@ -77,6 +89,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--split", default="val", choices=("val", "test"))
     parser.add_argument("--resamples", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=2, help="OMP threads of each distill / evaluate")
+    parser.add_argument("--student-keep-every", type=int, default=None, metavar="K",
+                        help="ablate with a smaller student (every K-th teacher layer), prepared, SFT-trained and "
+                        "subdomain-estimated in the work folder (default work folder: {results}-recipe-every-K)")
     parser.add_argument("--tiny", action="store_true", help="build a tiny run in a temporary folder and ablate it")
     return parser.parse_args()
 
@@ -90,10 +105,16 @@ def run(command: list[str], cwd: Path, threads: int) -> float:
     return time.perf_counter() - started
 
 
-def link_run(results: Path, work: Path, task: str) -> None:
-    """``work`` sees the finished run's models and task inputs through symbolic links."""
+def link_run(results: Path, work: Path, task: str, own_student: bool) -> None:
+    """``work`` sees the finished run's models and task inputs through symbolic links (with
+    ``own_student``: the teacher's side only; the student's is built by :func:`build_student`)."""
     (work / task).mkdir(parents=True, exist_ok=True)
-    links = [(results / "models", work / "models")] + [(results / task / n, work / task / n) for n in LINKED]
+    if own_student:
+        (work / "models").mkdir(exist_ok=True)
+        links = [(results / "models" / "teacher_base", work / "models" / "teacher_base")]
+        links += [(results / task / n, work / task / n) for n in LINKED if n not in STUDENT_SIDE]
+    else:
+        links = [(results / "models", work / "models")] + [(results / task / n, work / task / n) for n in LINKED]
     for source, target in links:
         if not source.exists():
             sys.exit(f"{source}: not found; run the pipeline first (snakemake --cores all)")
@@ -114,13 +135,50 @@ def build_tiny(root: Path, threads: int) -> tuple[Path, Path]:
     return root / "results", config
 
 
+def build_student(work: Path, task: str, base: list[str], threads: int) -> None:
+    """The work folder's own student: prepared, SFT-trained, subdomains estimated (each step
+    skipped when its output is already there). ``base``: results dir, config and sets."""
+    steps = [(work / "models" / "student_base", ["prepare-model", "--role", "student"]),
+             (work / task / "student_sft", ["sft", "--role", "student", "--task", task]),
+             (work / task / "subdomains.parquet", ["estimate-subdomains", "--task", task])]
+    for output, stage in steps:
+        if not output.exists():
+            took = run([*CLI, *stage, *base], REPO_ROOT, threads)
+            print(f"{' '.join(stage)}: {took:.0f} s", file=sys.stderr)
+
+
+def score_references(work: Path, args: argparse.Namespace, base: list[str]) -> None:
+    """T* (the best teacher checkpoint) and the SFT student of ``work``, scored on the split."""
+    from scd_pipeline.checkpoints import checkpoint_entry, read_checkpoints
+
+    teacher = work / args.task / "teacher"
+    checkpoints = read_checkpoints(teacher)
+    models = {"T*": teacher / checkpoint_entry(checkpoints, int(checkpoints["best_index"]))["path"],
+              "student_sft": work / args.task / "student_sft"}
+    for name, model in models.items():
+        eval_name = f"{reference_stem(name)}@{args.split}"
+        if not (work / args.task / "eval" / f"{eval_name}.predictions.parquet").is_file():
+            run([*CLI, "evaluate", "--model", str(model), "--name", eval_name, "--split", args.split, *base],
+                REPO_ROOT, args.threads)
+
+
+def reference_stem(name: str) -> str:
+    return {"T*": "teacher-best"}.get(name, name)
+
+
 def ablate(args: argparse.Namespace, results: Path, config: Path | None, work: Path) -> list[dict]:
-    link_run(results, work, args.task)
+    own_student = args.student_keep_every is not None
+    link_run(results, work, args.task, own_student)
     names = list(dict.fromkeys([CONTROL, *[v for v in args.variants.split(",") if v]]))
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         sys.exit(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
-    base = ["--task", args.task, "--results-dir", str(work)] + (["--config", str(config)] if config else [])
+    base = ["--results-dir", str(work)] + (["--config", str(config)] if config else [])
+    if own_student:
+        base += ["--set", f"models.student.keep_every={args.student_keep_every}", "--set", "models.student.keep_layers=null"]
+        build_student(work, args.task, base, args.threads)  # prepare-model takes no --task
+    base = ["--task", args.task, *base]
+    score_references(work, args, base)
     seed = load_config(config)["seed"]  # the run's seed: seed-0 of every variant starts from it
     seconds: dict[str, list[float]] = {}
     for name in names:
@@ -149,16 +207,21 @@ def summarise(args: argparse.Namespace, work: Path, names: list[str], seed: int,
     eval_dir = work / args.task / "eval"
     frames = {name: [read_predictions(eval_dir / f"{name}@seed-{s}-{args.split}.predictions.parquet")
                      for s in range(args.seeds)] for name in names}
+    frames |= {name: [read_predictions(eval_dir / f"{reference_stem(name)}@{args.split}.predictions.parquet")]
+               for name in REFERENCES}
     first = frames[CONTROL][0]
     order = first["sample_id"].tolist()
     kind = "list" if first["gold"].astype(str).str.startswith("[").any() else "choice"
     metric = score_metric(kind)
     bootstrap = PairedBootstrap(len(order), args.resamples, [seed, 7919])
     evidence = {}
-    for name in names:
+    for name in [*REFERENCES, *names]:
         aligned = [f.set_index("sample_id").loc[order].reset_index() for f in frames[name]]
         evidence[name] = metric_evidence(bootstrap, sample_scores(aligned, kind, [], "none"), metric)
-    rows = []
+    rows = [{"variant": name, "method": "reference", "change": "the run's" if name == "T*" else "the work folder's",
+             f"{metric} (mean of {args.seeds} seeds) [95%]": _interval(evidence[name].interval), "per seed": "—",
+             f"Δ vs {CONTROL} [95%]": _interval(difference(bootstrap, evidence[name], evidence[CONTROL]), signed=True),
+             "s per run": "—"} for name in REFERENCES]
     for name in names:
         found, delta = evidence[name], difference(bootstrap, evidence[name], evidence[CONTROL])
         method, overrides = VARIANTS[name]
@@ -186,9 +249,11 @@ def main() -> None:
             rows = ablate(args, results, config, root / "recipe")
     else:
         results = Path(args.results).resolve()
-        work = Path(args.workdir).resolve() if args.workdir else results.with_name(results.name + "-recipe")
+        suffix = "-recipe" + (f"-every-{args.student_keep_every}" if args.student_keep_every else "")
+        work = Path(args.workdir).resolve() if args.workdir else results.with_name(results.name + suffix)
         rows = ablate(args, results, Path(args.config).resolve() if args.config else None, work)
-    print(f"Recipe ablations, task {args.task}, {args.split} split, {args.seeds} seeds; {machine_line()}")
+    student = f"student: every {args.student_keep_every}-th teacher layer" if args.student_keep_every else "the run's student"
+    print(f"Recipe ablations, task {args.task}, {args.split} split, {args.seeds} seeds, {student}; {machine_line()}")
     print("Δ: paired bootstrap over rows and seeds against the CE-only control of the same seeds; "
           "* = resolved (the interval excludes 0).\n")
     print(format_table(rows))
