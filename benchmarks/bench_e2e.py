@@ -2,13 +2,19 @@
 
 Every rule declares ``benchmark:``; Snakemake writes one TSV per job (columns ``s``, ``h:m:s``,
 ``max_rss``, ..., ``cpu_time``) under ``results/benchmarks/`` (models) and
-``results/{task}/benchmarks/`` (everything else). This script only reads them (it never runs the
-pipeline), groups jobs by stage, lists the jobs the config expects but that have no file yet
-(not run, still running, or run by hand outside Snakemake), and prints:
+``results/{task}/benchmarks/`` (everything else). Every job's log ends with the package's
+``scd-work`` lines (``scd_pipeline.worklog``): the tokens each kind of compute loop processed and
+its steady-state rate, so ``compute`` = tokens / steady rate is the compute-bound part of the job
+and ``overhead`` = wall - compute the rest (interpreter and library start, model loading, Parquet
+I/O, saves, warm-up, idle). This script only reads these files (it never runs the pipeline),
+groups jobs by stage, lists the jobs the config expects but that have no file yet (not run, still
+running, or run by hand outside Snakemake), and prints:
 
-* per stage: jobs found / expected, seconds summed over its jobs, the slowest job, peak RSS;
-* total: the sum of all job seconds (the serial cost) and the wall span, from the earliest job
-  start (file time minus its seconds) to the last job end (file time); target <= 20 min.
+* per stage: jobs found / expected, seconds summed over its jobs, compute-bound seconds and the
+  overhead's share, the slowest job, peak RSS, CPU seconds;
+* total: the sum of all job seconds (the serial cost), the compute-bound share, the wall span
+  (earliest job start, i.e. file time minus its seconds, to the last job end) and the share of the
+  machine's cores in use over that span (CPU seconds of all jobs / (cores x span)); target <= 20 min.
 
     .venv/bin/python benchmarks/bench_e2e.py                       # results/, task demo
     .venv/bin/python benchmarks/bench_e2e.py --task smdis --jobs   # also one line per job
@@ -17,6 +23,7 @@ pipeline), groups jobs by stage, lists the jobs the config expects but that have
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,21 +31,28 @@ import pandas as pd
 import yaml
 from _common import REPO_ROOT, format_table
 
+from scd_pipeline.methods import parse_method
+from scd_pipeline.naming import default_eval_name, replicate_eval_name, replicate_student_name
+from scd_pipeline.worklog import parse as parse_work
+
 TARGET_SECONDS = 20 * 60
 # Stage of a benchmark file, by the rule name its stem starts with (pipeline order).
 STAGES = ("prepare_model", "prepare_data", "sft_teacher", "sft_student", "cache_logits",
-          "estimate_subdomains", "distill", "evaluate", "report")
+          "estimate_subdomains", "ioa_plan", "synthesize", "cache_logits_synthetic",
+          "estimate_subdomains_synthetic", "distill", "evaluate", "report", "multitask_report")
 
 
 @dataclass
 class JobTime:
-    """One job's benchmark file: its stem (rule + wildcards), seconds, end time, peak RSS, CPU time."""
+    """One job's benchmark file: its stem (rule + wildcards), seconds, end time, peak RSS, CPU time,
+    and the compute-bound seconds of its log's ``scd-work`` lines (None: no log or no lines)."""
 
     job: str
     seconds: float
     end: float
     max_rss_mb: float
     cpu_seconds: float
+    compute_seconds: float | None = None
 
     @property
     def stage(self) -> str:
@@ -46,8 +60,9 @@ class JobTime:
 
 
 def stage_of(job: str) -> str:
-    """The stage of a job stem, e.g. ``cache_logits_3`` -> ``cache_logits``."""
-    for stage in STAGES:
+    """The stage of a job stem, e.g. ``cache_logits_3`` -> ``cache_logits`` (the longest match:
+    ``cache_logits_synthetic_3`` -> ``cache_logits_synthetic``)."""
+    for stage in sorted(STAGES, key=len, reverse=True):
         if job == stage or job.startswith(stage + "_"):
             return stage
     return job
@@ -57,23 +72,47 @@ def expected_jobs(config: dict) -> list[str]:
     """Benchmark stems of every job ``snakemake`` runs for ``config`` (mirrors workflow/rules)."""
     checkpoints = range(1, config["sft"]["teacher"]["n_checkpoints"] + 1)
     methods = list(config["distill"]["methods"])
-    evaluated = ["teacher_base", "student_sft", *(f"teacher-ckpt-{k}" for k in checkpoints), *methods]
+    replicates = config.get("replicates", 1)
+    if replicates == 1:
+        students, evals = methods, [default_eval_name(f"students/{m}") for m in methods]
+    else:
+        students = [replicate_student_name(m, s) for m in methods for s in range(replicates)]
+        evals = [replicate_eval_name(m, s) for m in methods for s in range(replicates)]
+    curricula = [parse_method(m) for m in methods if parse_method(m).curriculum]
+    ioa = []
+    if curricula:
+        ioa = ["ioa_plan", "synthesize"] + [f"cache_logits_synthetic_{k}" for k in checkpoints]
+        ioa += ["estimate_subdomains_synthetic"] if any(m.needs_subdomains for m in curricula) else []
+    evaluated = ["teacher_base", "student_sft", *(f"teacher-ckpt-{k}" for k in checkpoints), *evals]
     return (["prepare_model_teacher", "prepare_model_student", "prepare_data", "sft_teacher", "sft_student"]
-            + [f"cache_logits_{k}" for k in checkpoints] + ["estimate_subdomains"]
-            + [f"distill_{m}" for m in methods] + [f"evaluate_{name}" for name in evaluated] + ["report"])
+            + [f"cache_logits_{k}" for k in checkpoints] + ["estimate_subdomains"] + ioa
+            + [f"distill_{m}" for m in students] + [f"evaluate_{name}" for name in evaluated] + ["report"])
 
 
-def read_job(path: Path) -> JobTime:
-    """One Snakemake benchmark TSV (mean over its rows when the rule was repeated)."""
+def read_job(path: Path, folder: Path) -> JobTime:
+    """One Snakemake benchmark TSV (mean over its rows when the rule was repeated) and the
+    ``scd-work`` lines of the job's log (``../logs/{stem}.log`` beside the benchmark folder)."""
     frame = pd.read_csv(path, sep="\t")
-    return JobTime(path.stem, float(frame["s"].mean()), path.stat().st_mtime,
+    stem = path.relative_to(folder).with_suffix("").as_posix()  # replicates: distill_td/seed-1
+    log = folder.parent / "logs" / f"{stem}.log"
+    compute = None
+    if log.is_file():
+        records = parse_work(log.read_text(encoding="utf-8", errors="replace").splitlines())
+        compute = sum(r["compute_seconds"] for r in records) if records else None
+    return JobTime(stem, float(frame["s"].mean()), path.stat().st_mtime,
                    float(pd.to_numeric(frame["max_rss"], errors="coerce").max()),
-                   float(pd.to_numeric(frame["cpu_time"], errors="coerce").mean()))
+                   float(pd.to_numeric(frame["cpu_time"], errors="coerce").mean()), compute)
 
 
 def read_jobs(results: Path, task: str) -> list[JobTime]:
     folders = [results / "benchmarks", results / task / "benchmarks"]
-    return [read_job(path) for folder in folders if folder.is_dir() for path in sorted(folder.glob("*.tsv"))]
+    return [read_job(path, folder) for folder in folders if folder.is_dir()
+            for path in sorted(folder.rglob("*.tsv"))]
+
+
+def compute_part(jobs: list[JobTime]) -> float:
+    """Compute-bound seconds of ``jobs`` (a job without ``scd-work`` lines counts as all overhead)."""
+    return sum(job.compute_seconds or 0.0 for job in jobs)
 
 
 def stage_rows(jobs: list[JobTime], expected: list[str]) -> list[dict]:
@@ -84,9 +123,10 @@ def stage_rows(jobs: list[JobTime], expected: list[str]) -> list[dict]:
         if not mine and not wanted:
             continue
         slowest = max(mine, key=lambda job: job.seconds, default=None)
+        seconds, compute = sum(job.seconds for job in mine), compute_part(mine)
         rows.append({"stage": stage, "jobs": f"{len(mine)}/{len(wanted)}",
-                     "seconds": sum(job.seconds for job in mine),
-                     "minutes": sum(job.seconds for job in mine) / 60,
+                     "seconds": seconds, "minutes": seconds / 60, "compute s": compute,
+                     "overhead": f"{(seconds - compute) / seconds:.0%}" if seconds else "",
                      "slowest job": f"{slowest.job} ({slowest.seconds:.0f} s)" if slowest else "",
                      "peak RSS MB": max((job.max_rss_mb for job in mine), default=0.0),
                      "CPU s": sum(job.cpu_seconds for job in mine)})
@@ -110,6 +150,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--config", type=Path, default=None,
                         help="config of the run (default: results/.config/{task}.yaml, else config.yaml)")
     parser.add_argument("--jobs", action="store_true", help="also print one line per job")
+    parser.add_argument("--cores", type=int, default=os.cpu_count(), help="cores of the machine that ran it")
     return parser.parse_args()
 
 
@@ -128,10 +169,18 @@ def main() -> None:
     print(format_table(stage_rows(jobs, expected)))
     if args.jobs:
         print()
-        print(format_table([{"job": job.job, "seconds": job.seconds, "peak RSS MB": job.max_rss_mb,
-                             "CPU s": job.cpu_seconds} for job in jobs]))
-    print(f"\nsum of job times: {total:.0f} s = {total / 60:.1f} min; wall span (first job start to last "
-          f"job end): {span:.0f} s = {span / 60:.1f} min")
+        print(format_table([{"job": job.job, "seconds": job.seconds,
+                             "compute s": float("nan") if job.compute_seconds is None else job.compute_seconds,
+                             "peak RSS MB": job.max_rss_mb, "CPU s": job.cpu_seconds} for job in jobs]))
+    compute = compute_part(jobs)
+    cpu = sum(job.cpu_seconds for job in jobs)
+    print(f"\nsum of job times: {total:.0f} s = {total / 60:.1f} min; compute-bound {compute:.0f} s, overhead "
+          f"{total - compute:.0f} s ({(total - compute) / total:.0%}); wall span (first job start to last job end): "
+          f"{span:.0f} s = {span / 60:.1f} min; cores in use over the span: {cpu / (args.cores * span):.0%} "
+          f"of {args.cores} ({cpu:.0f} CPU s)")
+    unmeasured = [job.job for job in jobs if job.compute_seconds is None]
+    if unmeasured:
+        print(f"no scd-work lines (counted as overhead): {', '.join(unmeasured)}")
     if missing:
         print(f"incomplete: no benchmark file for {len(missing)} job(s): {', '.join(missing)}")
         print(f"target <= {TARGET_SECONDS // 60} min: not decidable yet "

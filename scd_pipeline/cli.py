@@ -96,6 +96,9 @@ def build_config(config_path: Path | None, sets: list[str] | None, **options: An
 
 
 def _fail(message: str) -> None:
+    from scd_pipeline import worklog
+
+    worklog.discard()  # the error is the one line a failed stage writes
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code=2)
 

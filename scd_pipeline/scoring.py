@@ -21,6 +21,7 @@ from __future__ import annotations
 import ast
 import json
 import math
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from scd_pipeline import worklog
 from scd_pipeline.batching import (
     Batch,
     completion_logits,
@@ -148,9 +150,13 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens:
     input_ids, attention_mask = _left_padded(prompts, pad_id)
     sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0,
                 "num_return_sequences": samples} if temperature > 0 else {"do_sample": False}
+    started = time.perf_counter()
     output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                             max_new_tokens=max_new_tokens, eos_token_id=list(stop_ids),
                             pad_token_id=pad_id, **sampling)
+    copies = samples if temperature > 0 else 1  # every row decodes until the batch's last one stops
+    worklog.add("generate", int(attention_mask.sum()) * copies + output.shape[0] * (output.shape[1] - input_ids.shape[1]),
+                time.perf_counter() - started)
     stops = set(stop_ids)
     continuations = []
     for row in output[:, input_ids.shape[1]:].tolist():
@@ -175,7 +181,7 @@ def forward_batches(model, frame: pd.DataFrame, batch_size: int, pad_id: int) ->
     device = next(model.parameters()).device
     for rows in length_grouped_batches(lengths, batch_size, seed=None):
         batch = frame_batch(frame, rows, pad_id).to(device)
-        with torch.no_grad():
+        with worklog.timed("forward", int(batch.attention_mask.sum())), torch.no_grad():
             logits = completion_logits(model, batch)
         yield batch, logits
 

@@ -37,6 +37,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from scd_pipeline import worklog
 from scd_pipeline.batching import Batch, completion_logits, frame_batch, length_grouped_batches
 from scd_pipeline.errors import ConfigError, DataError
 from scd_pipeline.io import read_json, write_json
@@ -521,6 +522,7 @@ def run_training(recipe: Recipe, accelerator, model: torch.nn.Module, tokenizer,
         lr = settings.lr * cosine_warmup_factor(local, len(plan), warmup_steps_for(len(plan), settings.warmup_ratio))
         for group in optimizer.param_groups:
             group["lr"] = lr
+        step_started = time.perf_counter()
         step_rows = [r for micro in planned["micro_batches"] for r in micro]
         weights = recipe.sample_weights(ctx, step_rows)
         by_row = dict(zip(step_rows, weights.tolist(), strict=True))
@@ -550,6 +552,8 @@ def run_training(recipe: Recipe, accelerator, model: torch.nn.Module, tokenizer,
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         totals = accelerator.reduce(sums, reduction="sum").cpu().tolist()
+        if accelerator.is_main_process:  # tokens of every process: the step's rate is the run's
+            worklog.add("train", int(totals[-1]), time.perf_counter() - step_started)
         progress["step"] += 1
         per_weight = 1.0 / step_weight if step_weight > 0 else 0.0
         result = StepResult(progress["step"], index + 1, epoch, step_rows, weights,
