@@ -77,6 +77,13 @@ TINY = {
 }
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: expected an integer >= 1")
+    return value
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", default=str(REPO_ROOT / "results"), help="results_dir of the finished run")
@@ -89,7 +96,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--split", default="val", choices=("val", "test"))
     parser.add_argument("--resamples", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=2, help="OMP threads of each distill / evaluate")
-    parser.add_argument("--student-keep-every", type=int, default=None, metavar="K",
+    parser.add_argument("--student-keep-every", type=positive_int, default=None, metavar="K",
                         help="ablate with a smaller student (every K-th teacher layer), prepared, SFT-trained and "
                         "subdomain-estimated in the work folder (default work folder: {results}-recipe-every-K)")
     parser.add_argument("--tiny", action="store_true", help="build a tiny run in a temporary folder and ablate it")
@@ -255,7 +262,8 @@ def main() -> None:
     student = f"student: every {args.student_keep_every}-th teacher layer" if args.student_keep_every else "the run's student"
     print(f"Recipe ablations, task {args.task}, {args.split} split, {args.seeds} seeds, {student}; {machine_line()}")
     print("Δ: paired bootstrap over rows and seeds against the CE-only control of the same seeds; "
-          "* = resolved (the interval excludes 0).\n")
+          "* = resolved (the interval excludes 0). Reference rows are one model each; on the val split "
+          "T*'s row is slightly favoured (T* was chosen on the first sft.val_max_samples val rows).\n")
     print(format_table(rows))
 
 

@@ -30,8 +30,7 @@ class _OneLineErrors(TyperGroup):
         except OSError as exc:
             from scd_pipeline.io import describe_os_error
 
-            typer.echo(f"error: {describe_os_error(exc)}", err=True)
-            raise typer.Exit(code=2) from None
+            _fail(describe_os_error(exc))
 
 
 app = typer.Typer(
@@ -96,6 +95,7 @@ def build_config(config_path: Path | None, sets: list[str] | None, **options: An
 
 
 def _fail(message: str) -> None:
+    """End the command with one ``error:`` line and exit status 2."""
     from scd_pipeline import worklog
 
     worklog.discard()  # the error is the one line a failed stage writes

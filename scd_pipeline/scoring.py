@@ -183,6 +183,8 @@ def forward_batches(model, frame: pd.DataFrame, batch_size: int, pad_id: int) ->
         batch = frame_batch(frame, rows, pad_id).to(device)
         with worklog.timed("forward", int(batch.attention_mask.sum())), torch.no_grad():
             logits = completion_logits(model, batch)
+            if logits.is_cuda:
+                torch.cuda.synchronize(logits.device)  # the time of the whole pass, not of its launch
         yield batch, logits
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import atexit
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -67,9 +68,15 @@ def summary(kind: str, batches: list[tuple[int, float]]) -> dict:
 
 
 def report(stream=None) -> list[dict]:
-    """Write one ``scd-work`` line per kind recorded so far, then forget them; return the records."""
+    """Write one ``scd-work`` line per kind recorded so far, then forget them; return the records.
+
+    Under a multi-process launch only rank 0 writes: the training step's record already holds
+    every process's tokens, and the no-grad passes (validation, probes, pass rates) run whole on
+    every process, so one process's record is the job's work."""
     records = [summary(kind, batches) for kind, batches in _batches.items() if batches]
     _batches.clear()
+    if os.environ.get("RANK", "0") != "0":
+        return []
     stream = stream or sys.stderr
     for record in records:
         stream.write(PREFIX + json.dumps(record) + "\n")
