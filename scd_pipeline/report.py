@@ -1481,8 +1481,14 @@ def build_multitask_report(config: dict, tasks: Sequence[str]) -> MultitaskResul
             if record[f"{column}_best"]:
                 bold.add((i, j))
         rows.append([record["model"], *cells])
-    missing = [f"{task}: {row.label}: {row.missing}" for task, inputs in per_task.items()
-               for row in inputs.rows if row.missing and _table1_key(row) is not None]
+    gaps = [(task, row.label, row.missing) for task, inputs in per_task.items()
+            for row in inputs.rows if row.missing and _table1_key(row) is not None]
+    listed = {(task, label) for task, label, _ in gaps}
+    gaps += [(task, record["model"], "no evaluation of it under that task's results (it is not "
+                                      "in that task's distill.methods)")
+             for record in frame.to_dict("records") for task in tasks
+             if math.isnan(record[task]) and (task, record["model"]) not in listed]
+    missing = [f"{task}: {label}: {why}" for task, label, why in gaps]
     replicated = {task: inputs.config.get("replicates", 1) for task, inputs in per_task.items()}
     blocks: list[Block] = [
         ("p", f"Main metric of every task (the metric its T* was chosen by) on its test split, generated "

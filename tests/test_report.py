@@ -534,6 +534,17 @@ def test_multitask_table_in_the_paper_shape(tmp_path):
     taid = next(line for line in text.splitlines() if line.startswith("| TAID"))
     assert [c.strip() for c in taid.split("|")[2:-1]][0::2] == ["not run", "not run"]
     assert '<td><b>' in (out / "report.html").read_text(encoding="utf-8")
+    # A method evaluated for one task only (not in the config's methods): its other cell says
+    # "not run" and the missing list says so too, not "nothing is missing".
+    (demo / "students" / "ioa").mkdir(parents=True)
+    write_eval(demo, "ioa", GOLD)
+    again = CliRunner().invoke(app, ["report", "--tasks", "demo,smdis", "--set",
+                                     f"results_dir={config['results_dir']}", "--set",
+                                     "distill.methods=[td, taid, scd_aw]"])
+    assert again.exit_code == 0, again.output
+    missing = (out / "report.md").read_text(encoding="utf-8").split("## What is missing")[1]
+    assert "smdis: IOA: no evaluation" in missing and "demo: IOA" not in missing
+    assert missing.count("demo: TAID") == 1
 
 
 def test_report_tasks_option_refuses_an_empty_list_in_one_line(tmp_path):
