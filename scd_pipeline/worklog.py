@@ -31,16 +31,17 @@ PREFIX = "scd-work "
 KINDS = ("forward", "train", "generate")
 
 _batches: dict[str, list[tuple[int, float]]] = {}
-_at_exit: list[bool] = []
+_registered = False  # report() is registered to run at exit once the first batch comes
 
 
 def add(kind: str, tokens: int, seconds: float) -> None:
     """Record one batch of ``kind``: ``tokens`` processed in ``seconds`` of wall time."""
     if kind not in KINDS:
         raise ValueError(f"worklog.add: kind {kind!r} is not one of {KINDS}")
-    if not _at_exit:
+    global _registered
+    if not _registered:
         atexit.register(report)
-        _at_exit.append(True)
+        _registered = True
     _batches.setdefault(kind, []).append((int(tokens), float(seconds)))
 
 
