@@ -15,6 +15,8 @@ running, or run by hand outside Snakemake), and prints:
 * total: the sum of all job seconds (the serial cost), the compute-bound share, the wall span
   (earliest job start, i.e. file time minus its seconds, to the last job end) and the share of the
   machine's cores in use over that span (CPU seconds of all jobs / (cores x span)); target <= 20 min.
+  Shared model-preparation jobs that ended more than 10 minutes before the task's first job are a
+  reused earlier run's: listed, not counted.
 
     .venv/bin/python benchmarks/bench_e2e.py                       # results/, task demo
     .venv/bin/python benchmarks/bench_e2e.py --task smdis --jobs   # also one line per job
@@ -104,10 +106,22 @@ def read_job(path: Path, folder: Path) -> JobTime:
                    float(pd.to_numeric(frame["cpu_time"], errors="coerce").mean()), compute)
 
 
-def read_jobs(results: Path, task: str) -> list[JobTime]:
-    folders = [results / "benchmarks", results / task / "benchmarks"]
-    return [read_job(path, folder) for folder in folders if folder.is_dir()
-            for path in sorted(folder.rglob("*.tsv"))]
+# A shared job (``results/benchmarks/``: model preparation) that ended this long before the task's
+# first job started was run for an earlier task and reused by this run: not part of its cost.
+EARLIER_RUN_GAP_S = 10 * 60
+
+
+def read_jobs(results: Path, task: str) -> tuple[list[JobTime], list[JobTime]]:
+    """The jobs of the task's run, and the shared jobs of an earlier run that it reused."""
+    def read(folder: Path) -> list[JobTime]:
+        return [read_job(path, folder) for path in sorted(folder.rglob("*.tsv"))] if folder.is_dir() else []
+
+    own, shared = read(results / task / "benchmarks"), read(results / "benchmarks")
+    if not own:
+        return shared, []
+    first_start = min(job.end - job.seconds for job in own)
+    reused = [job for job in shared if job.end < first_start - EARLIER_RUN_GAP_S]
+    return [job for job in shared if job not in reused] + own, reused
 
 
 def compute_part(jobs: list[JobTime]) -> float:
@@ -158,11 +172,11 @@ def main() -> None:
     args = parse_args()
     config = load_run_config(args.results, args.task, args.config)
     expected = expected_jobs(config)
-    jobs = read_jobs(args.results, args.task)
+    jobs, reused = read_jobs(args.results, args.task)
     if not jobs:
         raise SystemExit(f"no benchmark files under {args.results}/benchmarks or {args.results}/{args.task}/benchmarks")
     found = {job.job for job in jobs}
-    missing = [name for name in expected if name not in found]
+    missing = [name for name in expected if name not in found | {job.job for job in reused}]
     total = sum(job.seconds for job in jobs)
     span = max(job.end for job in jobs) - min(job.end - job.seconds for job in jobs)
     print(f"# end-to-end run: {args.results}/{args.task} ({len(jobs)} of {len(expected)} expected jobs)")
@@ -178,6 +192,8 @@ def main() -> None:
           f"{total - compute:.0f} s ({(total - compute) / total:.0%}); wall span (first job start to last job end): "
           f"{span:.0f} s = {span / 60:.1f} min; cores in use over the span: {cpu / (args.cores * span):.0%} "
           f"of {args.cores} ({cpu:.0f} CPU s)")
+    if reused:
+        print(f"reused from an earlier run (not counted): {', '.join(job.job for job in reused)}")
     unmeasured = [job.job for job in jobs if job.compute_seconds is None]
     if unmeasured:
         print(f"no scd-work lines (counted as overhead): {', '.join(unmeasured)}")
