@@ -51,6 +51,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "td": ("td", {}),
     "td-one-phase": ("td", {"distill.phases": 1, "distill.epochs_per_phase": 2.0}),
     "td-lambda-0.2": ("td", {"distill.kd_weight": 0.2}),
+    "td-whole-run": ("td", {"distill.schedule": "whole_run"}),
     "td-budget-2x": ("td", {"distill.epochs_per_phase": 1.0}),
     "td-init-sft": ("td", {"distill.init": "sft"}),
     "sft-init-sft": ("td", {"distill.init": "sft", "distill.kd_weight": 0.0, "distill.phases": 1,
@@ -59,6 +60,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "td-temperature-2": ("td", {"distill.temperature": 2.0}),
     "scd_aw": ("scd_aw", {}),
     "scd_aw-init-sft": ("scd_aw", {"distill.init": "sft"}),
+    "scd_aw-whole-run": ("scd_aw", {"distill.schedule": "whole_run"}),
 }
 # The run's inputs a distillation reads (linked into the work folder, never written there).
 LINKED = ("data", "teacher", "logits", "student_sft", "subdomains.parquet", "subdomains.json")

@@ -11,7 +11,8 @@ what differs between methods (:mod:`scd_pipeline.methods`) is three small decisi
 
 Training runs in N phases (``distill.phases``, default one per teacher checkpoint) of E epochs
 (``distill.epochs_per_phase``); AdamW's moments and the cosine-with-warm-up LR schedule restart
-at every phase. The teacher signal comes only from the caches ``logits/ckpt-{k}.parquet``: no
+at every phase (``distill.schedule: per_phase``, the paper) or run once over all phases
+(``whole_run``). The teacher signal comes only from the caches ``logits/ckpt-{k}.parquet``: no
 teacher forward ever runs here. What ``estimate-subdomains`` already computed is read from its
 artifacts, not recomputed: SCD's probe ids and KL(T* || c) from ``subdomains.json``, AW's
 per-sample weights (``aw_ckpt_{k}`` = L_S^SFT / (L_S^SFT + L_c)) from ``subdomains.parquet``.
@@ -440,8 +441,8 @@ class DistillRecipe(Recipe):
             "adaptive_weight": self.method.adaptive, "paced": self.method.paced,
             "cd_mode": self.settings["cd_mode"] if self.method.schedule == "cd" else None,
             "best_index": self.best, "checkpoints": sorted(self.caches), "n_phases": len(phases),
-            "epochs_per_phase": self.settings["epochs_per_phase"], "total_steps": ctx.progress["step"],
-            "phases": phases,
+            "epochs_per_phase": self.settings["epochs_per_phase"], "lr_schedule": self.settings["schedule"],
+            "total_steps": ctx.progress["step"], "phases": phases,
         }
         if self.method.schedule == "scd":
             record["probe"] = {"size": len(self.probe), "source": str(self.paths.summary),
@@ -692,6 +693,10 @@ def run_distill(config: dict, method: str, weighting: str | None = None, name: s
         raise ConfigError("distill.paced.two_stage switches the KD divergence half-way through the run, but "
                           f"{spec.name} has no fixed length (TAID has its own objective, the curriculum's "
                           "remedial rounds are open); set it to false for this method")
+    if spec.curriculum and settings["schedule"] == "whole_run":
+        raise ConfigError(f"distill.schedule whole_run spreads one LR schedule over the run's steps, but "
+                          f"{spec.name}'s curriculum has no fixed length (its remedial rounds are open); "
+                          "set distill.schedule: per_phase for this method")
     if spec.curriculum:  # the curriculum's stages decide which checkpoints a cd schedule reaches
         schedule = None if spec.schedule in ("scd", "cd") else schedule
     needed = checkpoints_needed(indices, schedule)

@@ -7,7 +7,8 @@ step (e.g. TAID's t, SFT's checkpoints) and publish. The loop owns everything el
 
 - accelerate set-up (one or several processes, bf16 autocast on a GPU), deterministic seeding;
 - phases: each a fresh AdamW state and a cosine LR schedule with linear warm-up over its own steps
-  (SFT is one phase); the data plan of a phase is length-grouped micro-batches, seeded;
+  (SFT is one phase), or, with ``schedule: whole_run``, one AdamW state and one such schedule over
+  all phases' steps; the data plan of a phase is length-grouped micro-batches, seeded;
 - micro-batch accumulation: every micro-batch adds sum_i v_i L_i / sum_(step) v, so the step's
   gradient is that of the step's weighted mean loss however it is split over micro-batches and
   processes (``weighting.step_share``; a step whose weights are all 0 moves nothing);
@@ -121,6 +122,17 @@ def cosine_warmup_factor(step: int, total_steps: int, warmup_steps: int) -> floa
         return (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def lr_factor(settings: LoopSettings, phase_step: int, phase_steps: int, run_step: int,
+              run_steps: int | None) -> float:
+    """The LR multiplier of the next update: a cosine with warm-up over the phase's steps (each
+    phase restarts it), or, without restarts, over the whole run's (``run_steps`` must be known)."""
+    if settings.restart_each_phase:
+        return cosine_warmup_factor(phase_step, phase_steps, warmup_steps_for(phase_steps, settings.warmup_ratio))
+    if run_steps is None:
+        raise ValueError("one LR schedule over the whole run needs the run's step count up front")
+    return cosine_warmup_factor(run_step, run_steps, warmup_steps_for(run_steps, settings.warmup_ratio))
 
 
 # --- data plan and checkpoint spacing ----------------------------------------------------------
@@ -316,13 +328,15 @@ class LoopSettings:
     log_every: int
     resume_every_minutes: float
     seed: int
+    restart_each_phase: bool = True  # False: one AdamW state and one LR schedule over the whole run
 
     @classmethod
     def from_section(cls, section: dict, lr: float, seed: int) -> LoopSettings:
         return cls(lr=lr, batch_size=section["batch_size"], grad_accum=section["grad_accum"],
                    warmup_ratio=section["warmup_ratio"], weight_decay=section["weight_decay"],
-                   max_grad_norm=section["max_grad_norm"], log_every=section["log_every"], resume_every_minutes=section["resume_every_minutes"],
-                   seed=seed)
+                   max_grad_norm=section["max_grad_norm"], log_every=section["log_every"],
+                   resume_every_minutes=section["resume_every_minutes"], seed=seed,
+                   restart_each_phase=section.get("schedule", "per_phase") == "per_phase")
 
 
 @dataclass
@@ -510,7 +524,8 @@ def run_training(recipe: Recipe, accelerator, model: torch.nn.Module, tokenizer,
             phase_record = {"phase": index + 1, **phase.record, "first_step": progress["step"] + 1,
                             "last_step": progress["step"] + len(plan), "epochs": phase.epochs, "plan": plan}
             progress["phases"].append(phase_record)
-            getattr(optimizer, "optimizer", optimizer).state.clear()  # fresh AdamW moments
+            if settings.restart_each_phase:
+                getattr(optimizer, "optimizer", optimizer).state.clear()  # fresh AdamW moments
         plan = phase_record["plan"]
         local = progress["step"] - phase_record["first_step"] + 1
         planned = plan[local]
@@ -519,7 +534,7 @@ def run_training(recipe: Recipe, accelerator, model: torch.nn.Module, tokenizer,
             recipe.epoch_start(ctx, index, epoch)
             progress["epoch"] = [index, epoch]
 
-        lr = settings.lr * cosine_warmup_factor(local, len(plan), warmup_steps_for(len(plan), settings.warmup_ratio))
+        lr = settings.lr * lr_factor(settings, local, len(plan), progress["step"], recipe.total_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         step_started = time.perf_counter()

@@ -5,6 +5,7 @@ and the one-line refusals."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import numpy as np
@@ -181,6 +182,7 @@ RUNS = {  # name -> (method, weighting, extra config)
     "td+paced": ("td", "paced", {}),
     "cd-average": ("cd", None, {"distill.cd_mode": "average", "distill.phases": 1}),
     "td+paced-two-stage": ("td+paced", None, {"distill.paced.two_stage": True, "distill.phases": 1}),
+    "cd-whole-run": ("cd", None, {"distill.schedule": "whole_run", "distill.warmup_ratio": 0.2}),
 }
 
 
@@ -263,6 +265,16 @@ def test_td_taid_use_the_best_checkpoint_and_cd_goes_through_the_checkpoints_in_
     # The LR schedule restarts: warm-up 0, so every phase's first step runs at the peak rate.
     assert [line["lr"] for line in log if line["step"] in (1, 7, 13)] == [DISTILL["distill.lr"]] * 3
     assert log[5]["lr"] < DISTILL["distill.lr"] / 2
+
+
+def test_a_whole_run_schedule_warms_up_once_and_decays_over_all_phases(distilled):
+    root, _, _ = distilled
+    log = read_log(students(root) / "cd-whole-run" / "train_log.jsonl")
+    assert [line["checkpoint"] for line in log] == [1] * 6 + [2] * 6 + [3] * 6  # still three phases
+    assert json.loads((students(root) / "cd-whole-run" / "schedule.json").read_text())["lr_schedule"] == "whole_run"
+    # 18 steps, warm-up ceil(0.2 * 18) = 4: (s + 1) / 4 for s < 4, then 0.5 (1 + cos(pi (s - 4) / 14)).
+    expected = [(s + 1) / 4 if s < 4 else 0.5 * (1 + math.cos(math.pi * (s - 4) / 14)) for s in range(18)]
+    assert [line["lr"] for line in log] == pytest.approx([DISTILL["distill.lr"] * f for f in expected])
 
 
 def test_scd_chooses_the_argmin_of_its_recorded_terms_which_match_the_schedule_functions(distilled):
