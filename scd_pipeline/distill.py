@@ -12,7 +12,7 @@ what differs between methods (:mod:`scd_pipeline.methods`) is three small decisi
 Training runs in N phases (``distill.phases``, default one per teacher checkpoint) of E epochs
 (``distill.epochs_per_phase``); AdamW's moments and the cosine-with-warm-up LR schedule restart
 at every phase (``distill.schedule: per_phase``, the paper) or run once over all phases
-(``whole_run``). The teacher signal comes only from the caches ``logits/ckpt-{k}.parquet``: no
+(``whole_run``; a curriculum, whose length is open, restarts at every pass either way). The teacher signal comes only from the caches ``logits/ckpt-{k}.parquet``: no
 teacher forward ever runs here. What ``estimate-subdomains`` already computed is read from its
 artifacts, not recomputed: SCD's probe ids and KL(T* || c) from ``subdomains.json``, AW's
 per-sample weights (``aw_ckpt_{k}`` = L_S^SFT / (L_S^SFT + L_c)) from ``subdomains.parquet``.
@@ -35,6 +35,7 @@ state lives in ``.state/distill-{name}/``, outside the declared outputs (see doc
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -350,6 +351,7 @@ class DistillRecipe(Recipe):
         self.method, self.name, self.paths = method, name, paths
         self.frame, self.caches, self.schedule, self.best = frame, caches, schedule, best
         self.subdomains, self.n_phases, self.total_steps = subdomains, n_phases, total_steps
+        self.lr_schedule = "per_phase" if method.curriculum else self.settings["schedule"]
         self.description = f"distill {name}"
         self.top_k = min(cache.k for cache in caches.values())
         self.sample_ids = frame["sample_id"].to_numpy()
@@ -441,7 +443,7 @@ class DistillRecipe(Recipe):
             "adaptive_weight": self.method.adaptive, "paced": self.method.paced,
             "cd_mode": self.settings["cd_mode"] if self.method.schedule == "cd" else None,
             "best_index": self.best, "checkpoints": sorted(self.caches), "n_phases": len(phases),
-            "epochs_per_phase": self.settings["epochs_per_phase"], "lr_schedule": self.settings["schedule"],
+            "epochs_per_phase": self.settings["epochs_per_phase"], "lr_schedule": self.lr_schedule,
             "total_steps": ctx.progress["step"], "phases": phases,
         }
         if self.method.schedule == "scd":
@@ -693,10 +695,6 @@ def run_distill(config: dict, method: str, weighting: str | None = None, name: s
         raise ConfigError("distill.paced.two_stage switches the KD divergence half-way through the run, but "
                           f"{spec.name} has no fixed length (TAID has its own objective, the curriculum's "
                           "remedial rounds are open); set it to false for this method")
-    if spec.curriculum and settings["schedule"] == "whole_run":
-        raise ConfigError(f"distill.schedule whole_run spreads one LR schedule over the run's steps, but "
-                          f"{spec.name}'s curriculum has no fixed length (its remedial rounds are open); "
-                          "set distill.schedule: per_phase for this method")
     if spec.curriculum:  # the curriculum's stages decide which checkpoints a cd schedule reaches
         schedule = None if spec.schedule in ("scd", "cd") else schedule
     needed = checkpoints_needed(indices, schedule)
@@ -729,5 +727,6 @@ def run_distill(config: dict, method: str, weighting: str | None = None, name: s
         total = n_phases * planned_steps(len(train), loop.batch_size, loop.grad_accum * accelerator.num_processes,
                                          settings["epochs_per_phase"])
         recipe = DistillRecipe(config, spec, name, paths, train, caches, schedule, best, subdomains, n_phases, total)
+    loop = dataclasses.replace(loop, restart_each_phase=recipe.lr_schedule == "per_phase")
     run_training(recipe, accelerator, model, tokenizer, frame, loop, paths.state, fingerprint, after_step)
     return paths.output

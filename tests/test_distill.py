@@ -44,7 +44,7 @@ DISTILL = {"cache.top_k": 16, "cache.dtype": "fp32", "distill.phases": 3, "disti
            "distill.batch_size": 5, "distill.grad_accum": 1, "distill.lr": 3e-3, "distill.warmup_ratio": 0.0,
            "distill.log_every": 1, "distill.init": "base", "distill.kd_weight": LAMBDA,
            "distill.objective": "convex", "distill.divergence": "forward_kl", "distill.temperature": 1.0,
-           "distill.cd_mode": "sequential", "distill.paced.two_stage": False}
+           "distill.cd_mode": "sequential", "distill.paced.two_stage": False, "distill.schedule": "per_phase"}
 
 
 # --------------------------------------------------------------------------- pure parts

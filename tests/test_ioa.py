@@ -409,6 +409,7 @@ def test_curriculum_trains_stage_by_stage_through_the_mastery_gates(curriculum_r
     assert last["rows"]["synthetic"] == 1 and last["rows"]["replay"] > 0  # the standard item
     assert len(schedule["phases"]) == len(passes)
     assert all(phase["checkpoint"] == schedule["best_index"] for phase in schedule["phases"])  # ioa: T*
+    assert schedule["lr_schedule"] == "per_phase"  # open length: every pass restarts, whatever distill.schedule says
     scd = json.loads((task / "students/scd_aw+ioa/schedule.json").read_text())
     assert all(phase["candidates"] for phase in scd["phases"])  # SCD's choice at every pass start
 
