@@ -52,7 +52,7 @@ start_all() {
   munge -n | unmunge >/dev/null
 
   local host cpus mem
-  host=$(hostname -s); cpus=$(nproc)
+  host=$(hostname -s); cpus=$(getconf _NPROCESSORS_ONLN)  # not nproc: it follows OMP_NUM_THREADS
   mem=$(( $(awk '/MemTotal/{print $2}' /proc/meminfo) / 1024 - 1024 ))
   mkdir -p /etc/slurm
   cat > /etc/slurm/slurm.conf <<CONF
