@@ -45,3 +45,13 @@ def tiny_reference(tmp_path_factory):
     from tiny_workflow import reference_run
 
     return reference_run(tmp_path_factory.mktemp("tiny-reference"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_work_lines_at_exit():
+    """Stages run in-process by tests record their batches; the test process is not a job, so it
+    forgets them instead of printing ``scd-work`` lines when it exits."""
+    yield
+    from scd_pipeline import worklog
+
+    worklog.discard()
