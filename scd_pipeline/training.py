@@ -328,15 +328,14 @@ class LoopSettings:
     log_every: int
     resume_every_minutes: float
     seed: int
-    restart_each_phase: bool = True  # False: one AdamW state and one LR schedule over the whole run
+    restart_each_phase: bool = True  # False: one AdamW state and one LR schedule over the whole run (distill.schedule)
 
     @classmethod
     def from_section(cls, section: dict, lr: float, seed: int) -> LoopSettings:
         return cls(lr=lr, batch_size=section["batch_size"], grad_accum=section["grad_accum"],
                    warmup_ratio=section["warmup_ratio"], weight_decay=section["weight_decay"],
                    max_grad_norm=section["max_grad_norm"], log_every=section["log_every"],
-                   resume_every_minutes=section["resume_every_minutes"], seed=seed,
-                   restart_each_phase=section.get("schedule", "per_phase") == "per_phase")
+                   resume_every_minutes=section["resume_every_minutes"], seed=seed)
 
 
 @dataclass
