@@ -915,7 +915,7 @@ def checkpoint_table(checkpoints: dict, best: int, test_metric: dict[int, Interv
         rows.append([f"ckpt-{index}" + (" (T*)" if index == best else ""), fmt(entry.get("step")), fmt(_number(entry.get("epoch"))),
                      fmt(_number(entry.get("train_loss"))), fmt(_number(entry.get("val_loss"))),
                      fmt(_number(entry.get("val_metric"))),
-                     fmt_interval(test_metric[index]) if index in test_metric else "not run"])
+                     fmt_interval(test_metric[index]) if index in test_metric else "—"])
     return Table(headers, rows, bold)
 
 
@@ -1287,6 +1287,10 @@ def teacher_blocks(inputs: ReportInputs, drawn: set[str]) -> list[Block]:
         return blocks + [("p", "Not available: teacher/checkpoints.json not found.")]
     blocks.append(("table", checkpoint_table(inputs.checkpoints, inputs.best_index, inputs.teacher_tests,
                                              METRIC_LABELS[inputs.primary])))
+    untested = sorted(int(e["index"]) for e in inputs.checkpoints["checkpoints"]) != sorted(inputs.teacher_tests)
+    if untested:
+        blocks.append(("p", "T* is chosen on the validation split; the workflow evaluates only T* on the test split. "
+                            f"`scd-pipeline evaluate --model {inputs.root}/teacher/ckpt-K` adds checkpoint K's test column."))
     if TEACHER_PLOT in drawn:
         blocks.append(("image", Image(f"plots/{TEACHER_PLOT}", "Teacher validation metric per checkpoint")))
     return blocks

@@ -570,3 +570,19 @@ def test_evaluation_without_predictions_keeps_its_numbers_and_says_why_it_has_no
     assert summary.loc["student_sft", "accuracy_low"] == 0.0  # the others still have intervals
     missing = (root / "report.md").read_text(encoding="utf-8").split("## What is missing")[1]
     assert f"TD: no intervals: {root / 'eval' / 'td.predictions.parquet'} not found" in missing
+
+
+def test_teacher_checkpoint_table_shows_the_test_column_of_evaluated_checkpoints_only(built):
+    # The workflow evaluates T* alone on the test split; the tree has ckpt-2 (T*) and ckpt-3
+    # evaluated, ckpt-1 not: a dash, and one sentence on how to add it (not a "not run" failure).
+    _, root, _ = built
+    text = (root / "report.md").read_text(encoding="utf-8")
+    section = text.split("## Teacher checkpoints")[1].split("\n## ")[0]
+    rows = {r.split("|")[1].strip().strip("*"): [c.strip().strip("*") for c in r.split("|")[2:-1]]
+            for r in section.splitlines() if r.startswith("| ") and "ckpt-" in r}
+    # ckpt-3 right on 3 of 4 rows: P(resampled mean <= 1/4) = 4 (1/4)^3 (3/4) + (1/4)^4 = 0.051 >= 0.025,
+    # P(mean = 0) = 0.004 < 0.025, so the 2.5% percentile is 0.25.
+    assert [rows[k][-1] for k in ("ckpt-1", "ckpt-2 (T*)", "ckpt-3")] == [
+        "—", "1.000 [1.000, 1.000]", "0.750 [0.250, 1.000]"]
+    assert "the workflow evaluates only T* on the test split" in section
+    assert "not run" not in section

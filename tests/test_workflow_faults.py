@@ -138,6 +138,17 @@ def test_adding_a_method_plans_only_that_method(tiny_reference):
     assert "students/td" in outputs and "students/scd_aw" not in outputs, outputs
 
 
+def test_the_run_evaluates_t_star_on_the_test_split_and_no_other_teacher_checkpoint(tiny_reference):
+    # The other checkpoints' validation metric is in checkpoints.json (the report's teacher plot);
+    # a test-split evaluation of each would be work no table reads.
+    workdir, _ = tiny_reference
+    task = workdir / "results" / "demo"
+    best = json.loads((task / "teacher" / "checkpoints.json").read_text())["best_index"]
+    assert sorted(p.name for p in (task / "eval").glob("teacher-ckpt-*")) == [
+        f"teacher-ckpt-{best}.json", f"teacher-ckpt-{best}.predictions.parquet"]
+    assert f"Teacher (T* = ckpt-{best})" in (task / "report.md").read_text()
+
+
 def test_a_dry_run_writes_nothing(tmp_path):
     tiny_workflow_config(tmp_path)
     dry = subprocess.run(snakemake(tmp_path, "-n", "-p"), capture_output=True, text=True, env=ENV, timeout=300)

@@ -1,4 +1,4 @@
-# Stage: evaluate the base teacher, every teacher checkpoint, the SFT student and every
+# Stage: evaluate the base teacher, T* (the best teacher checkpoint), the SFT student and every
 # distilled student (every replicate); then the report (and, with `tasks`, the multi-task table).
 
 from scd_pipeline.naming import default_eval_name, multitask_report_files, replicate_eval_name
@@ -14,11 +14,22 @@ STUDENT_OF_EVAL = (
         for s in range(REPLICATES)
     }
 )
-EVAL_NAMES = (
-    ["teacher_base", "student_sft"]
-    + [f"teacher-ckpt-{k}" for k in CHECKPOINTS]
-    + list(STUDENT_OF_EVAL)
-)
+# Every model the evaluate rule can score; the report asks for all but the teacher checkpoints,
+# of which it needs T* alone (the validation curve of all of them is in teacher/checkpoints.json;
+# any other, e.g. `snakemake results/demo/eval/teacher-ckpt-3.json`, on request).
+REPORTED_EVAL_NAMES = ["teacher_base", "student_sft"] + list(STUDENT_OF_EVAL)
+EVAL_NAMES = REPORTED_EVAL_NAMES + [f"teacher-ckpt-{k}" for k in CHECKPOINTS]
+
+
+def teacher_best_eval(wildcards):
+    """T*'s test evaluation: known once the teacher SFT (a Snakemake checkpoint) has written
+    checkpoints.json."""
+    from scd_pipeline.checkpoints import read_checkpoints
+
+    index = checkpoints.sft_teacher.get().output.index
+    best = read_checkpoints(Path(index).parent)["best_index"]
+    name = TASK_DIR + f"/eval/teacher-ckpt-{best}"
+    return [name + ".json", name + ".predictions.parquet"]
 
 
 def model_to_evaluate(wildcards):
@@ -50,7 +61,7 @@ rule evaluate:
         TASK_DIR + "/logs/evaluate_{name}.log",
     benchmark:
         TASK_DIR + "/benchmarks/evaluate_{name}.tsv"
-    threads: 4
+    threads: JOB_THREADS
     resources:
         mem_mb=8000,
         runtime=60,
@@ -72,8 +83,9 @@ REPORT_CATEGORY = f"task {TASK}"
 
 rule report:
     input:
-        expand(TASK_DIR + "/eval/{name}.json", name=EVAL_NAMES),
-        expand(TASK_DIR + "/eval/{name}.predictions.parquet", name=EVAL_NAMES),
+        expand(TASK_DIR + "/eval/{name}.json", name=REPORTED_EVAL_NAMES),
+        expand(TASK_DIR + "/eval/{name}.predictions.parquet", name=REPORTED_EVAL_NAMES),
+        teacher_best_eval,
         TASK_DIR + "/subdomains.json",
         TASK_DIR + "/teacher/checkpoints.json",
         expand(TASK_DIR + "/students/{student}", student=STUDENTS),

@@ -1,10 +1,12 @@
 # Stage: teacher SFT with N dense checkpoints, and the SFT student (baseline + AW anchor).
+# The teacher SFT is a Snakemake checkpoint: which of its checkpoints is T* (best validation
+# metric, teacher/checkpoints.json) decides which one the report evaluates on the test split.
 
 CHECKPOINTS = list(range(1, config["sft"]["teacher"]["n_checkpoints"] + 1))
 TEACHER_CKPTS = expand(TASK_DIR + "/teacher/ckpt-{k}", k=CHECKPOINTS)
 
 
-rule sft_teacher:
+checkpoint sft_teacher:
     input:
         DATA_FILES,
         MODELS + "/teacher_base",
@@ -21,6 +23,7 @@ rule sft_teacher:
     benchmark:
         TASK_DIR + "/benchmarks/sft_teacher.tsv"
     threads: 4
+    priority: 1  # the critical path: it starts before the student SFT or the base evaluation may take a core
     resources:
         mem_mb=16000,
         runtime=480,
@@ -44,7 +47,7 @@ rule sft_student:
         TASK_DIR + "/logs/sft_student.log",
     benchmark:
         TASK_DIR + "/benchmarks/sft_student.tsv"
-    threads: 4
+    threads: JOB_THREADS
     resources:
         mem_mb=16000,
         runtime=480,
