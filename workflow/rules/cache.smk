@@ -20,7 +20,7 @@ rule cache_logits:
         TASK_DIR + "/logs/cache_logits_{k}.log",
     benchmark:
         TASK_DIR + "/benchmarks/cache_logits_{k}.tsv"
-    threads: 4
+    threads: JOB_THREADS
     resources:
         mem_mb=8000,
         runtime=120,
@@ -47,7 +47,7 @@ rule estimate_subdomains:
         TASK_DIR + "/logs/estimate_subdomains.log",
     benchmark:
         TASK_DIR + "/benchmarks/estimate_subdomains.tsv"
-    threads: 4
+    threads: JOB_THREADS
     resources:
         mem_mb=8000,
         runtime=60,

@@ -16,6 +16,14 @@ MODELS = f"{RESULTS}/models"
 GPUS = config["resources"]["gpus"]  # the training rules (SFT, distill): one process per GPU
 GPUS_ONE = min(GPUS, 1)  # every other rule that runs a model: one process, at most one GPU
 CONDA_ENV = os.path.join(workflow.basedir, "envs", "scd-pipeline.yaml")
+# Threads of a job that has siblings to run beside it (caches, student SFT, distillations,
+# evaluations): half the cores, 1 to 4, so two such jobs share the machine. On 2 cores two
+# one-thread jobs finish a pair sooner than one two-thread job after the other, and each one's
+# start-up and saves overlap the other's compute (benchmarks/RESULTS.md §4). The teacher SFT and
+# IOA's teacher-size jobs, alone on the critical path, take up to 4 (all of a small machine).
+# On a cluster (--jobs, e.g. the SLURM profile) every job is its own allocation: 4 threads each.
+# `--set-threads RULE=N` overrides either.
+JOB_THREADS = 4 if workflow.nodes else max(1, min(4, workflow.cores // 2))
 
 
 def _scd_command() -> str:

@@ -68,7 +68,7 @@ rule distill:
         TASK_DIR + "/logs/distill_{student}.log",
     benchmark:
         TASK_DIR + "/benchmarks/distill_{student}.tsv"
-    threads: 4
+    threads: JOB_THREADS
     resources:
         mem_mb=16000,
         runtime=480,

@@ -81,7 +81,7 @@ rule cache_logits_synthetic:
         TASK_DIR + "/logs/cache_logits_synthetic_{k}.log",
     benchmark:
         TASK_DIR + "/benchmarks/cache_logits_synthetic_{k}.tsv"
-    threads: 4
+    threads: JOB_THREADS
     resources:
         mem_mb=8000,
         runtime=60,
@@ -108,7 +108,7 @@ rule estimate_subdomains_synthetic:
         TASK_DIR + "/logs/estimate_subdomains_synthetic.log",
     benchmark:
         TASK_DIR + "/benchmarks/estimate_subdomains_synthetic.tsv"
-    threads: 4
+    threads: JOB_THREADS
     resources:
         mem_mb=8000,
         runtime=60,
