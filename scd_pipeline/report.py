@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from scd_pipeline.checkpoints import checkpoint_indices
 from scd_pipeline.config import task_dir, validate_config, write_effective_config
 from scd_pipeline.errors import ConfigError, DataError
 from scd_pipeline.evidence import (
@@ -1287,7 +1288,7 @@ def teacher_blocks(inputs: ReportInputs, drawn: set[str]) -> list[Block]:
         return blocks + [("p", "Not available: teacher/checkpoints.json not found.")]
     blocks.append(("table", checkpoint_table(inputs.checkpoints, inputs.best_index, inputs.teacher_tests,
                                              METRIC_LABELS[inputs.primary])))
-    untested = sorted(int(e["index"]) for e in inputs.checkpoints["checkpoints"]) != sorted(inputs.teacher_tests)
+    untested = checkpoint_indices(inputs.checkpoints) != sorted(inputs.teacher_tests)
     if untested:
         blocks.append(("p", "T* is chosen on the validation split; the workflow evaluates only T* on the test split. "
                             f"`scd-pipeline evaluate --model {inputs.root}/teacher/ckpt-K` adds checkpoint K's test column."))

@@ -28,7 +28,7 @@ def teacher_best_eval(wildcards):
 
     index = checkpoints.sft_teacher.get().output.index
     best = read_checkpoints(Path(index).parent)["best_index"]
-    name = TASK_DIR + f"/eval/teacher-ckpt-{best}"
+    name = TASK_DIR + "/eval/" + default_eval_name(f"teacher/ckpt-{best}")
     return [name + ".json", name + ".predictions.parquet"]
 
 
