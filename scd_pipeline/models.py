@@ -283,9 +283,12 @@ def dequantized_copy(gguf_model):
 
 
 def embedded_cache_dir(source: str, gguf_path: Path) -> Path:
-    """Cache folder of the converted copy, keyed by the GGUF file's size and modification time."""
-    stat = gguf_path.stat()
-    key = f"{stat.st_size}-{stat.st_mtime_ns}"
+    """Cache folder of the converted copy, keyed by the GGUF file's size and content hash.
+
+    By content, not by path or modification time: every new virtual environment (a fresh clone's
+    ``make setup``) installs the same file anew, and reuses the one conversion (~30 s) of the machine.
+    """
+    key = f"{gguf_path.stat().st_size}-{sha256_file(gguf_path)[:16]}"
     return cache_root() / "embedded" / EMBEDDED_MODELS[source].cache_name / key
 
 

@@ -7,6 +7,7 @@ conversion of the embedded SmolLM2 is marked slow (it reads the 98 MB GGUF file,
 from __future__ import annotations
 
 import copy
+import os
 import time
 from importlib import metadata
 from pathlib import Path
@@ -317,8 +318,17 @@ def test_embedded_cache_follows_scd_cache_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("SCD_CACHE_DIR", str(tmp_path / "cache"))
     cached = embedded_cache_dir(EMBEDDED, gguf)
     assert cached.parent == tmp_path / "cache" / "embedded" / "smollm2-135m-instruct"
-    # Keyed by size and modification time: a reinstalled or changed file converts again.
-    assert cached.name == f"10-{gguf.stat().st_mtime_ns}"
+    # Keyed by size and content: sha256(b"0123456789") starts 84d89877f0d4041e.
+    assert cached.name == "10-84d89877f0d4041e"
+    # The same bytes installed again (a new venv: new path, new modification time) reuse it ...
+    again = tmp_path / "venv2" / "model.gguf"
+    again.parent.mkdir()
+    again.write_bytes(b"0123456789")
+    os.utime(again, ns=(1, 1))
+    assert embedded_cache_dir(EMBEDDED, again) == cached
+    # ... changed bytes of the same size convert again.
+    gguf.write_bytes(b"0123456780")
+    assert embedded_cache_dir(EMBEDDED, gguf) != cached
 
 
 def _embedded_installed() -> bool:

@@ -12,7 +12,7 @@ rule prepare_model_teacher:
         RESULTS + "/logs/prepare_model_teacher.log",
     benchmark:
         RESULTS + "/benchmarks/prepare_model_teacher.tsv"
-    threads: 2
+    threads: 1  # GGUF de-quantisation (once per machine) and safetensors I/O: single-threaded work
     resources:
         mem_mb=4000,
         runtime=20,
@@ -33,7 +33,7 @@ rule prepare_model_student:
         RESULTS + "/logs/prepare_model_student.log",
     benchmark:
         RESULTS + "/benchmarks/prepare_model_student.tsv"
-    threads: 2
+    threads: 1  # layer pruning and safetensors I/O: single-threaded work
     resources:
         mem_mb=4000,
         runtime=20,
