@@ -1,3 +1,3 @@
-from scd_pipeline.cli import app
+from scd_pipeline.cli import main
 
-app(prog_name="scd-pipeline")
+main()

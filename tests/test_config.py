@@ -94,6 +94,26 @@ def test_cli_help_lists_every_stage_in_pipeline_order_and_each_has_help():
         assert "--config" in page.output or name in ("cache-info", "init"), name
 
 
+def test_the_console_command_raises_the_collector_threshold_and_freezes_the_heap_when_done(monkeypatch):
+    import gc
+    import sys
+
+    from scd_pipeline import cli
+
+    calls = []
+    monkeypatch.setattr(gc, "set_threshold", lambda *thresholds: calls.append(("threshold", thresholds)))
+    monkeypatch.setattr(gc, "freeze", lambda: calls.append(("freeze",)))
+    later = gc.get_threshold()[1:]
+    for argv, status in ((["init", "--help"], 0), (["no-such-stage"], 2)):  # also when a command fails
+        calls.clear()
+        monkeypatch.setattr(sys, "argv", ["scd-pipeline", *argv])
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main()
+        assert exit_info.value.code == status
+        assert calls == [("threshold", (cli.GC_FIRST_THRESHOLD, *later)), ("freeze",)]
+    assert cli.GC_FIRST_THRESHOLD > 700  # Python's default
+
+
 def test_snakemake_nested_config_strings_are_read_as_their_schema_types():
     # Snakemake hands `--config 'data={demo: {seed: 7}}'` over as {'data': {'demo': {'seed': '7'}}}
     config = load_config()
