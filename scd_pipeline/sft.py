@@ -168,7 +168,6 @@ class SftRecipe(Recipe):
                                                      "val_metrics": json_safe(val_metrics)})
             if self.role == "teacher":
                 publish_dir(self.paths.state / record["path"], self.paths.output / record["path"])
-        ctx.save_requested = True
         return {}
 
     def publish(self, ctx: LoopContext, state_dict: dict) -> None:

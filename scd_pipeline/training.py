@@ -13,8 +13,9 @@ step (e.g. TAID's t, SFT's checkpoints) and publish. The loop owns everything el
   gradient is that of the step's weighted mean loss however it is split over micro-batches and
   processes (``weighting.step_share``; a step whose weights are all 0 moves nothing);
 - the resume state (model, optimizer, RNG, progress with the data plan and the recipe's state),
-  saved atomically at phase ends, when the recipe asks, and every ``resume_every_minutes``; a run
-  started again with the same fingerprint continues bit for bit from the last save;
+  saved atomically every ``resume_every_minutes`` (0: after every step), so a killed run redoes at
+  most that much; a run started again with the same fingerprint continues bit for bit from the
+  last save (mid-phase too: the progress holds the phase's plan);
 - the metrics log (``train_log.jsonl``, a torn last line from a power loss is dropped), the
   progress bar, and the publish step (main process), after which the resume state is removed.
 """
@@ -375,7 +376,6 @@ class LoopContext:
     frame: pd.DataFrame
     progress: dict
     total_steps: int | None
-    save_requested: bool = False
 
     @property
     def device(self) -> torch.device:
@@ -432,8 +432,7 @@ class Recipe:
         return {"loss": per_sample_mean_nll(logits, batch)}
 
     def after_step(self, ctx: LoopContext, result: StepResult) -> dict:
-        """After each optimizer step; returns extra fields for the log line. May call
-        ``ctx.save_requested = True`` to save the resume state now."""
+        """After each optimizer step; returns extra fields for the log line."""
         return {}
 
     def publish(self, ctx: LoopContext, state_dict: dict[str, Tensor]) -> None:
@@ -590,9 +589,9 @@ def run_training(recipe: Recipe, accelerator, model: torch.nn.Module, tokenizer,
                                   **extra, "tokens_per_s": round(tokens_per_s, 1)})
             window, window_start = [], time.monotonic()
         final = recipe.total_steps is not None and progress["step"] == recipe.total_steps
-        if not final and (phase_end or ctx.save_requested or time.monotonic() - last_save >= resume_every_s):
+        if not final and time.monotonic() - last_save >= resume_every_s:
             save_resume_state(accelerator, state_dir, progress)
-            ctx.save_requested, last_save = False, time.monotonic()
+            last_save = time.monotonic()
         if after_step is not None:
             after_step(result)
     bar.close()

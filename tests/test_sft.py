@@ -30,9 +30,10 @@ from scd_pipeline.training import (
 )
 from scd_pipeline.weighting import step_share
 
-# 16 training rows, 4 per micro-batch, 2 epochs -> 8 optimizer steps; 4 checkpoints -> steps 2, 4, 6, 8.
+# 16 training rows, 4 per micro-batch, 2 epochs -> 8 optimizer steps; 4 checkpoints -> steps 2, 4, 6, 8;
+# the resume state after every step, so a simulated kill resumes from the step it stopped at.
 TEACHER_SETTINGS = {"sft.batch_size": 4, "sft.teacher.epochs": 2, "sft.teacher.n_checkpoints": 4,
-                    "sft.teacher.lr": 1e-2, "sft.log_every": 1, "sft.resume_every_minutes": 60,
+                    "sft.teacher.lr": 1e-2, "sft.log_every": 1, "sft.resume_every_minutes": 0,
                     "evaluate.batch_size": 8}
 
 
@@ -160,18 +161,24 @@ def test_teacher_run_writes_evenly_spaced_checkpoints_with_their_validation(teac
 def test_killed_teacher_run_resumes_to_the_same_weights(teacher_run, tmp_path, monkeypatch):
     reference_config, reference = teacher_run
     results = write_choice_task(tmp_path)
-    config = tiny_config(results, **TEACHER_SETTINGS)
-    paths = sft_paths(config, "teacher")
+    hourly = tiny_config(results, **{**TEACHER_SETTINGS, "sft.resume_every_minutes": 60})
+    paths = sft_paths(hourly, "teacher")
 
     def kill_after_step_5(result):
         if result.step == 5:
             raise KeyboardInterrupt("simulated kill")
 
     with pytest.raises(KeyboardInterrupt):
-        run_sft(config, "teacher", after_step=kill_after_step_5)
+        run_sft(hourly, "teacher", after_step=kill_after_step_5)
     assert sorted(p.name for p in paths.output.glob("ckpt-*")) == ["ckpt-1", "ckpt-2"]
     assert not (paths.output / "checkpoints.json").exists()
-    assert read_resume_progress(paths.state)["step"] == 4  # saved at the checkpoint-2 boundary
+    # The resume state is saved by the clock only (hourly here), not at checkpoints.
+    assert read_resume_progress(paths.state) is None
+
+    config = tiny_config(results, **TEACHER_SETTINGS)  # every step
+    with pytest.raises(KeyboardInterrupt):
+        run_sft(config, "teacher", after_step=kill_after_step_5)
+    assert read_resume_progress(paths.state)["step"] == 5
     shutil.rmtree(paths.output)  # Snakemake deletes the outputs of a failed job
 
     saved_now = []
@@ -223,7 +230,7 @@ def test_a_torn_log_tail_is_dropped_and_a_damaged_line_is_named(tmp_path, capsys
     log.write_text(intact[: len(intact) - 12])
     shutil.rmtree(paths.output, ignore_errors=True)
     run_sft(config, "teacher")
-    assert "resuming at step 4" in capsys.readouterr().out
+    assert "resuming at step 5" in capsys.readouterr().out
     assert json.loads((paths.output / "checkpoints.json").read_text())["best_index"] in range(1, 5)
 
 
