@@ -24,11 +24,14 @@ def tiny_workflow_config(root: Path) -> Path:
         "results_dir": "results",
         "data": {"demo": {"n_examples": 40, "test_size": 8}, "max_train_samples": 24},
         "models": {"teacher": {"source": "tiny:llama"}, "student": {"keep_every": 2}},
+        # The resume state after every step (resume_every_minutes: 0): a killed training job resumes
+        # mid-run, as a long one does, instead of starting again within its first 5 minutes.
         "sft": {"batch_size": 4, "val_max_samples": 8, "teacher": {"n_checkpoints": 2, "epochs": 1},
-                "student": {"epochs": 1}},
+                "student": {"epochs": 1}, "resume_every_minutes": 0},
         "cache": {"top_k": 8},
         "subdomains": {"probe_size": 8},
-        "distill": {"methods": ["scd_aw"], "phases": 2, "epochs_per_phase": 1, "batch_size": 4},
+        "distill": {"methods": ["scd_aw"], "phases": 2, "epochs_per_phase": 1, "batch_size": 4,
+                    "resume_every_minutes": 0},
     }
     path = root / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))
