@@ -35,6 +35,7 @@ from scd_pipeline.schedules import cache_kl, mean_token_kl, student_cache_kl
 from scd_pipeline.scoring import PassRule, pass_rates
 from scd_pipeline.subdomains import estimate_subdomains, probe_sample_ids
 from scd_pipeline.tiny import byte_level_tokenizer
+from scd_pipeline.training import read_resume_progress
 from scd_pipeline.weighting import paced_weight, step_share, weighted_mean
 
 LAMBDA = 0.5
@@ -374,14 +375,21 @@ def test_taid_t_rises_to_its_end_and_its_state_is_saved_with_the_student(distill
 
 def test_a_killed_taid_run_resumes_to_the_same_student_and_taid_state(distilled, tmp_path):
     root, _, steps = distilled
-    config = tiny_config(root, **{**DISTILL, "distill.resume_every_minutes": 0})
 
     def kill_after_step_8(info):
         if info.step == 8:
             raise KeyboardInterrupt
 
+    # The resume state follows the clock only: the end of phase 1 (step 6) saves nothing within an hour.
+    hourly = tiny_config(root, **{**DISTILL, "distill.resume_every_minutes": 60})
+    with pytest.raises(KeyboardInterrupt):
+        run_distill(hourly, "taid", name="taid-resumed", after_step=kill_after_step_8)
+    assert read_resume_progress(root / "demo" / ".state" / "distill-taid-resumed") is None
+
+    config = tiny_config(root, **{**DISTILL, "distill.resume_every_minutes": 0})  # every step
     with pytest.raises(KeyboardInterrupt):
         run_distill(config, "taid", name="taid-resumed", after_step=kill_after_step_8)
+    assert read_resume_progress(root / "demo" / ".state" / "distill-taid-resumed")["step"] == 8
     assert not (students(root) / "taid-resumed").exists()
     resumed_steps = []
     run_distill(config, "taid", name="taid-resumed", after_step=resumed_steps.append)
