@@ -8,7 +8,7 @@ import os
 
 from snakemake.utils import min_version
 
-from scd_pipeline.naming import multitask_report_files
+from scd_pipeline.engine.naming import multitask_report_files
 
 min_version("9.0")
 

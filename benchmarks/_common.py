@@ -52,8 +52,8 @@ def resolve_model_choice(choice: str, role: str = "teacher") -> str:
 def load_bench_model(choice: str, role: str, workdir: Path, tiny_layers: int = 4, tiny_seed: int = 0) -> LoadedModel:
     """The ``role`` model (``teacher`` or ``student``): the prepared SmolLM2 base, or a tiny random
     Llama with the byte-level tokenizer (saved under ``workdir`` for ``prepare_data``)."""
-    from scd_pipeline.models import load_model
-    from scd_pipeline.tiny import byte_level_tokenizer, tiny_llama
+    from scd_pipeline.engine.models import load_model
+    from scd_pipeline.engine.tiny import byte_level_tokenizer, tiny_llama
 
     choice = resolve_model_choice(choice, role)
     if choice == "smollm2":
@@ -70,12 +70,12 @@ def load_bench_model(choice: str, role: str, workdir: Path, tiny_layers: int = 4
 
 def prepared_split(task: str, tokenizer_dir: Path, workdir: Path, n_samples: int | None,
                    split: str = "train", max_length: int = 1024) -> pd.DataFrame:
-    """``n_samples`` rows of ``split`` of ``task`` prepared by ``scd_pipeline.data.prepare_data``
+    """``n_samples`` rows of ``split`` of ``task`` prepared by ``scd_pipeline.stages.prepare_data.prepare_data``
     with the given tokenizer into ``workdir`` (never under results/). The first rows in file order,
     so two runs with the same tokenizer use the same samples."""
-    from scd_pipeline.batching import read_split
-    from scd_pipeline.config import load_config, task_dir
-    from scd_pipeline.data import prepare_data
+    from scd_pipeline.engine.batching import read_split
+    from scd_pipeline.engine.config import load_config, task_dir
+    from scd_pipeline.stages.prepare_data import prepare_data
 
     config = load_config(overrides={"task": task, "results_dir": str(workdir / "data"),
                                     "data.max_train_samples": None, "data.max_length": max_length,

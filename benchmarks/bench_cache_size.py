@@ -2,7 +2,7 @@
 
 For each task (default: ``demo``, 2-token completions, and ``nrner``, list completions of ~35
 tokens), the teacher runs once over the first N training samples (prepared with
-``scd_pipeline.data.prepare_data`` into a temporary folder, using the teacher's tokenizer). Each
+``scd_pipeline.stages.prepare_data.prepare_data`` into a temporary folder, using the teacher's tokenizer). Each
 (k, dtype) cache is then written by the package's own ``write_logit_cache`` (the decoder's hidden
 states are replayed from the first pass, so the LM head, top-k, encoding and Parquet writing all
 run for real per configuration), read back with ``open_cache``, and compared with the full
@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 import torch
 from _common import format_table, load_bench_model, machine_line, prepared_split, timed
 
-from scd_pipeline.logit_cache import (
+from scd_pipeline.engine.logit_cache import (
     LOGPROB_DTYPES,
     LOGPROB_STEP,
     PARQUET_OPTIONS,
@@ -50,8 +50,8 @@ from scd_pipeline.logit_cache import (
     open_cache,
     write_logit_cache,
 )
-from scd_pipeline.losses import SparseTarget
-from scd_pipeline.scoring import forward_batches
+from scd_pipeline.engine.scoring import forward_batches
+from scd_pipeline.math.losses import SparseTarget
 
 DISTILLKIT_BYTES_PER_TOKEN = {50: 114.0, 128: 300.0}  # published figures of its compressed cache
 PER_TOKEN_COLUMNS = ("topk_ids", "topk_logprobs", "tail_logmass")

@@ -3,7 +3,7 @@
 Three ways to run the teacher over one batch of prepared training samples, interleaved batch by
 batch (the order rotates every round, so load on a shared machine hits all three alike):
 
-* ``capture``: ``scd_pipeline.cache.write_logit_cache`` on that batch (forward, LM head at the
+* ``capture``: ``scd_pipeline.stages.cache_logits.write_logit_cache`` on that batch (forward, LM head at the
   completion positions only, gold NLL, top-k + tail, Parquet write with the package's encodings,
   sidecar) into a temporary file;
 * ``bare forward``: ``model(input_ids, attention_mask).logits``, full-vocabulary logits at every
@@ -35,8 +35,8 @@ from _common import (
     prepared_split,
 )
 
-from scd_pipeline.batching import completion_logits, frame_batch, length_grouped_batches
-from scd_pipeline.logit_cache import LOGPROB_DTYPES, write_logit_cache
+from scd_pipeline.engine.batching import completion_logits, frame_batch, length_grouped_batches
+from scd_pipeline.engine.logit_cache import LOGPROB_DTYPES, write_logit_cache
 
 
 def parse_args() -> argparse.Namespace:

@@ -3,7 +3,7 @@
 Every rule declares ``benchmark:``; Snakemake writes one TSV per job (columns ``s``, ``h:m:s``,
 ``max_rss``, ..., ``cpu_time``) under ``results/benchmarks/`` (models) and
 ``results/{task}/benchmarks/`` (everything else). Every job's log ends with the package's
-``scd-work`` lines (``scd_pipeline.worklog``): the tokens each kind of compute loop processed and
+``scd-work`` lines (``scd_pipeline.engine.worklog``): the tokens each kind of compute loop processed and
 its steady-state rate, so ``compute`` = tokens / steady rate is the compute-bound part of the job
 and ``overhead`` = wall - compute the rest (interpreter and library start, model loading, Parquet
 I/O, saves, warm-up, idle). This script only reads these files (it never runs the pipeline),
@@ -40,9 +40,13 @@ import pandas as pd
 import yaml
 from _common import REPO_ROOT, format_table
 
-from scd_pipeline.methods import parse_method
-from scd_pipeline.naming import default_eval_name, replicate_eval_name, replicate_student_name
-from scd_pipeline.worklog import parse as parse_work
+from scd_pipeline.engine.methods import parse_method
+from scd_pipeline.engine.naming import (
+    default_eval_name,
+    replicate_eval_name,
+    replicate_student_name,
+)
+from scd_pipeline.engine.worklog import parse as parse_work
 
 TARGET_SECONDS = 20 * 60
 # Stage of a benchmark file, by the rule name its stem starts with (pipeline order).

@@ -12,7 +12,7 @@ is not run again.
 
 Ablations are scored on the **validation** split by default (``--split``): choosing a recipe on
 the test rows would tune it to the rows that later judge it. Intervals: the package's paired
-bootstrap over rows and seeds (``scd_pipeline.stats``), the same resamples for every variant.
+bootstrap over rows and seeds (``scd_pipeline.math.stats``), the same resamples for every variant.
 Two reference rows are scored on the same split: T* (the run's best teacher checkpoint) and the
 run's SFT student, so the table shows the teacher's margin the variants could close.
 
@@ -39,9 +39,9 @@ from pathlib import Path
 
 from _common import REPO_ROOT, format_table, machine_line
 
-from scd_pipeline.config import load_config
-from scd_pipeline.evidence import sample_scores, score_metric
-from scd_pipeline.stats import PairedBootstrap, difference, metric_evidence
+from scd_pipeline.engine.config import load_config
+from scd_pipeline.math.stats import PairedBootstrap, difference, metric_evidence
+from scd_pipeline.stages.report.evidence import sample_scores, score_metric
 
 CLI = [sys.executable, "-m", "scd_pipeline"]
 CONTROL = "sft"
@@ -158,7 +158,7 @@ def build_student(work: Path, task: str, base: list[str], threads: int) -> None:
 
 def score_references(work: Path, args: argparse.Namespace, base: list[str]) -> None:
     """T* (the best teacher checkpoint) and the SFT student of ``work``, scored on the split."""
-    from scd_pipeline.checkpoints import checkpoint_entry, read_checkpoints
+    from scd_pipeline.engine.checkpoints import checkpoint_entry, read_checkpoints
 
     teacher = work / args.task / "teacher"
     checkpoints = read_checkpoints(teacher)
@@ -211,7 +211,7 @@ def summarise(args: argparse.Namespace, work: Path, names: list[str], seed: int,
               seconds: dict[str, list[float]]) -> list[dict]:
     import pandas as pd
 
-    from scd_pipeline.evidence import read_predictions
+    from scd_pipeline.stages.report.evidence import read_predictions
 
     eval_dir = work / args.task / "eval"
     frames = {name: [read_predictions(eval_dir / f"{name}@seed-{s}-{args.split}.predictions.parquet")

@@ -30,7 +30,7 @@ from _common import (
     prepared_split,
 )
 
-from scd_pipeline.logit_cache import LOGPROB_DTYPES, write_logit_cache
+from scd_pipeline.engine.logit_cache import LOGPROB_DTYPES, write_logit_cache
 
 
 def capture(model, tokenizer, frame, path: Path, args: argparse.Namespace) -> dict:

@@ -23,13 +23,13 @@ from pathlib import Path
 import torch
 from _common import REPO_ROOT, format_table, machine_line
 
-from scd_pipeline.batching import read_split
-from scd_pipeline.config import load_config
-from scd_pipeline.logit_cache import LOGPROB_STEP, decode_logprobs, encode_logprobs
-from scd_pipeline.losses import LOG_MASS_FLOOR, SparseTarget
-from scd_pipeline.models import load_model
-from scd_pipeline.schedules import cache_kl, mean_token_kl, scd_choose, student_cache_kl
-from scd_pipeline.scoring import forward_batches
+from scd_pipeline.engine.batching import read_split
+from scd_pipeline.engine.config import load_config
+from scd_pipeline.engine.logit_cache import LOGPROB_STEP, decode_logprobs, encode_logprobs
+from scd_pipeline.engine.models import load_model
+from scd_pipeline.engine.scoring import forward_batches
+from scd_pipeline.math.losses import LOG_MASS_FLOOR, SparseTarget
+from scd_pipeline.math.schedules import cache_kl, mean_token_kl, scd_choose, student_cache_kl
 
 DTYPES = ("fp32", "fp16", "int8")
 

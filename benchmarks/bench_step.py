@@ -37,13 +37,13 @@ from _common import (
     prepared_split,
 )
 
-from scd_pipeline.batching import Batch, completion_logits, frame_batch
-from scd_pipeline.config import load_config
-from scd_pipeline.distill import divergence_for, sample_losses
-from scd_pipeline.logit_cache import open_cache, write_logit_cache
-from scd_pipeline.losses import SparseTarget
-from scd_pipeline.training import CompletionLM, build_optimizer, per_sample_mean_nll
-from scd_pipeline.weighting import step_share
+from scd_pipeline.engine.batching import Batch, completion_logits, frame_batch
+from scd_pipeline.engine.config import load_config
+from scd_pipeline.engine.logit_cache import open_cache, write_logit_cache
+from scd_pipeline.engine.training import CompletionLM, build_optimizer, per_sample_mean_nll
+from scd_pipeline.math.losses import SparseTarget
+from scd_pipeline.math.weighting import step_share
+from scd_pipeline.stages.distill import divergence_for, sample_losses
 
 
 def parse_args() -> argparse.Namespace:

@@ -17,7 +17,6 @@ import typer
 from typer.core import TyperGroup
 
 from scd_pipeline.errors import ScdError
-from scd_pipeline.locking import stage_lock
 
 
 class _OneLineErrors(TyperGroup):
@@ -28,7 +27,7 @@ class _OneLineErrors(TyperGroup):
         try:
             return super().invoke(ctx)
         except OSError as exc:
-            from scd_pipeline.io import describe_os_error
+            from scd_pipeline.engine.io import describe_os_error
 
             _fail(describe_os_error(exc))
 
@@ -83,7 +82,7 @@ class Role(str, Enum):
 
 def build_config(config_path: Path | None, sets: list[str] | None, **options: Any) -> dict:
     """Config file, then explicit options (dotted keys), then ``--set`` assignments; validated."""
-    from scd_pipeline.config import load_config, parse_assignment
+    from scd_pipeline.engine.config import load_config, parse_assignment
 
     if config_path is None and Path("config.yaml").is_file():
         config_path = Path("config.yaml")
@@ -94,9 +93,17 @@ def build_config(config_path: Path | None, sets: list[str] | None, **options: An
     return load_config(config_path, overrides)
 
 
+def _lock(command: str, config: dict, **ids):
+    """The exclusive locks of what ``command``'s stage declares it writes, held for the block."""
+    from scd_pipeline.engine.locking import stage_lock
+    from scd_pipeline.stages import artifacts
+
+    return stage_lock(config, artifacts(command, config, **ids))
+
+
 def _fail(message: str) -> None:
     """End the command with one ``error:`` line and exit status 2."""
-    from scd_pipeline import worklog
+    from scd_pipeline.engine import worklog
 
     worklog.discard()  # the error is the one line a failed stage writes
     typer.echo(f"error: {message}", err=True)
@@ -110,8 +117,8 @@ def init_command(
 ) -> None:
     """Write the default config (every key, with a comment) to PATH to edit; stages then read it
     from the working directory, or pass it with --config."""
-    from scd_pipeline.config import DEFAULT_CONFIG
-    from scd_pipeline.io import atomic_path
+    from scd_pipeline.engine.config import DEFAULT_CONFIG
+    from scd_pipeline.engine.io import atomic_path
 
     if path.exists() and not force:
         _fail(f"{path}: already exists; edit it, or pass --force to overwrite it with the defaults")
@@ -149,9 +156,9 @@ def prepare_data_command(
                            **{"data.jmed_root": str(jmed_root) if jmed_root else None,
                               "data.max_train_samples": max_train_samples,
                               "data.max_length": max_length, "data.balance": balance})
-        from scd_pipeline.data import prepare_data
+        from scd_pipeline.stages.prepare_data import prepare_data
 
-        with stage_lock("prepare-data", cfg):
+        with _lock("prepare-data", cfg):
             out = prepare_data(cfg, tokenizer_path=tokenizer)
     except ScdError as exc:
         _fail(str(exc))
@@ -186,9 +193,9 @@ def prepare_model_command(
                            **{f"models.{role.value}.source": source,
                               f"models.{role.value}.keep_every": keep_every,
                               f"models.{role.value}.keep_layers": layers})
-        from scd_pipeline.models import prepare_model
+        from scd_pipeline.stages.prepare_model import prepare_model
 
-        with stage_lock("prepare-model", cfg, role=role.value):
+        with _lock("prepare-model", cfg, role=role.value):
             out = prepare_model(cfg, role.value)
     except ScdError as exc:
         _fail(str(exc))
@@ -225,9 +232,9 @@ def cache_logits_command(
         cfg = build_config(config, set_, task=task, results_dir=str(results_dir) if results_dir else None,
                            **{"cache.top_k": top_k, "cache.dtype": dtype, "cache.temperature": temperature,
                               "cache.batch_size": batch_size, "cache.split": split})
-        from scd_pipeline.cache import cache_logits
+        from scd_pipeline.stages.cache_logits import cache_logits
 
-        with stage_lock("cache-logits", cfg, checkpoint=checkpoint, synthetic=synthetic):
+        with _lock("cache-logits", cfg, checkpoint=checkpoint, synthetic=synthetic):
             meta = cache_logits(cfg, checkpoint, synthetic)
     except ScdError as exc:
         _fail(str(exc))
@@ -245,7 +252,7 @@ def cache_info_command(
     import json
 
     try:
-        from scd_pipeline.logit_cache import cache_info
+        from scd_pipeline.engine.logit_cache import cache_info
 
         info = cache_info(file)
     except ScdError as exc:
@@ -284,9 +291,9 @@ def estimate_subdomains_command(
     try:
         cfg = build_config(config, set_, task=task, results_dir=str(results_dir) if results_dir else None,
                            **{"subdomains.probe_size": probe_size, "cache.batch_size": batch_size})
-        from scd_pipeline.subdomains import estimate_subdomains
+        from scd_pipeline.stages.estimate_subdomains import estimate_subdomains
 
-        with stage_lock("estimate-subdomains", cfg, synthetic=synthetic):
+        with _lock("estimate-subdomains", cfg, synthetic=synthetic):
             summary = estimate_subdomains(cfg, synthetic)
     except ScdError as exc:
         _fail(str(exc))
@@ -329,9 +336,9 @@ def sft_command(
                            **{"sft.mode": mode, f"sft.{role.value}.epochs": epochs,
                               f"sft.{role.value}.lr": lr, "sft.batch_size": batch_size,
                               "sft.grad_accum": grad_accum, "sft.teacher.n_checkpoints": n_checkpoints})
-        from scd_pipeline.sft import run_sft
+        from scd_pipeline.stages.sft import run_sft
 
-        with stage_lock("sft", cfg, role=role.value):
+        with _lock("sft", cfg, role=role.value):
             out = run_sft(cfg, role.value)
     except ScdError as exc:
         _fail(str(exc))
@@ -366,10 +373,10 @@ def evaluate_command(
         cfg = build_config(config, set_, task=task, results_dir=str(results_dir) if results_dir else None,
                            **{"evaluate.split": split, "evaluate.batch_size": batch_size,
                               "evaluate.max_new_tokens": max_new_tokens})
-        from scd_pipeline.evaluate import evaluate
-        from scd_pipeline.naming import default_eval_name
+        from scd_pipeline.engine.naming import default_eval_name
+        from scd_pipeline.stages.evaluate import evaluate
 
-        with stage_lock("evaluate", cfg, name=name or default_eval_name(model)):
+        with _lock("evaluate", cfg, name=name or default_eval_name(model)):
             out = evaluate(cfg, model, name=name)
     except ScdError as exc:
         _fail(str(exc))
@@ -398,7 +405,7 @@ def report_command(
     try:
         cfg = build_config(config, set_, task=task, results_dir=str(results_dir) if results_dir else None,
                            **{"report.resamples": resamples})
-        from scd_pipeline.report import build_multitask_report, build_report, parse_tasks
+        from scd_pipeline.stages.report import build_multitask_report, build_report, parse_tasks
 
         if tasks is not None:
             table = build_multitask_report(cfg, parse_tasks(tasks))
@@ -406,7 +413,7 @@ def report_command(
             for line in table.missing:
                 typer.echo(f"not run: {line}")
             return
-        with stage_lock("report", cfg):
+        with _lock("report", cfg):
             result = build_report(cfg)
     except ScdError as exc:
         _fail(str(exc))
@@ -437,9 +444,9 @@ def ioa_plan_command(
     try:
         cfg = build_config(config, set_, task=task, results_dir=str(results_dir) if results_dir else None,
                            **{"ioa.tau_gap": tau_gap, "ioa.tau_zpd": tau_zpd})
-        from scd_pipeline.ioa import plan_curriculum
+        from scd_pipeline.stages.ioa_plan import plan_curriculum
 
-        with stage_lock("ioa-plan", cfg):
+        with _lock("ioa-plan", cfg):
             plan = plan_curriculum(cfg)
     except ScdError as exc:
         _fail(str(exc))
@@ -469,9 +476,9 @@ def synthesize_command(
         cfg = build_config(config, set_, task=task, results_dir=str(results_dir) if results_dir else None,
                            **{"ioa.synthesis.per_prompt": per_prompt,
                               "ioa.synthesis.max_items_per_module": max_items_per_module})
-        from scd_pipeline.synthesize import synthesize
+        from scd_pipeline.stages.synthesize import synthesize
 
-        with stage_lock("synthesize", cfg):
+        with _lock("synthesize", cfg):
             summary = synthesize(cfg)
     except ScdError as exc:
         _fail(str(exc))
@@ -532,10 +539,10 @@ def distill_command(
                            **{"distill.phases": phases, "distill.epochs_per_phase": epochs_per_phase,
                               "distill.init": init, "distill.divergence": divergence,
                               "distill.kd_weight": kd_weight, "distill.lr": lr, "distill.batch_size": batch_size})
-        from scd_pipeline.distill import SCHEDULE_FILE, default_name, run_distill
+        from scd_pipeline.stages.distill import SCHEDULE_FILE, default_name, run_distill
 
         weighting_name = weighting.value if weighting else None
-        with stage_lock("distill", cfg, name=name or default_name(method, weighting_name)):
+        with _lock("distill", cfg, name=name or default_name(method, weighting_name)):
             out = run_distill(cfg, method, weighting_name, name)
     except ScdError as exc:
         _fail(str(exc))

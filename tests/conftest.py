@@ -31,7 +31,7 @@ def jmed_root() -> Path:
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory) -> Path:
     """A saved byte-level tokenizer (259 tokens, ChatML template) usable as --tokenizer."""
-    from scd_pipeline.tiny import byte_level_tokenizer
+    from scd_pipeline.engine.tiny import byte_level_tokenizer
 
     path = tmp_path_factory.mktemp("tiny_tokenizer")
     byte_level_tokenizer().save_pretrained(path)
@@ -52,6 +52,6 @@ def no_work_lines_at_exit():
     """Stages run in-process by tests record their batches; the test process is not a job, so it
     forgets them instead of printing ``scd-work`` lines when it exits."""
     yield
-    from scd_pipeline import worklog
+    from scd_pipeline.engine import worklog
 
     worklog.discard()

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from scd_pipeline.batching import collate, completion_logits, length_grouped_batches, per_sample_sum
-from scd_pipeline.tiny import byte_level_tokenizer, tiny_llama
+from scd_pipeline.engine.batching import (
+    collate,
+    completion_logits,
+    length_grouped_batches,
+    per_sample_sum,
+)
+from scd_pipeline.engine.tiny import byte_level_tokenizer, tiny_llama
 
 
 def test_completion_logits_match_full_forward_at_completion_positions():

@@ -21,17 +21,18 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from scd_pipeline import cache, logit_cache, scoring
-from scd_pipeline.batching import completion_logits, frame_batch, read_split
 from scd_pipeline.cli import app
-from scd_pipeline.config import load_config, task_dir
+from scd_pipeline.engine import logit_cache, scoring
+from scd_pipeline.engine.batching import completion_logits, frame_batch, read_split
+from scd_pipeline.engine.config import load_config, task_dir
+from scd_pipeline.engine.io import sha256_file, write_json
+from scd_pipeline.engine.models import load_model
+from scd_pipeline.engine.splits import split_schema
+from scd_pipeline.engine.tiny import byte_level_tokenizer, tiny_llama
+from scd_pipeline.engine.tokenization import tokenizer_fingerprint
 from scd_pipeline.errors import ConfigError, DataError
-from scd_pipeline.io import sha256_file, write_json
-from scd_pipeline.metrics import exact_f1_document
-from scd_pipeline.models import load_model
-from scd_pipeline.splits import split_schema
-from scd_pipeline.tiny import byte_level_tokenizer, tiny_llama
-from scd_pipeline.tokenization import tokenizer_fingerprint
+from scd_pipeline.math.metrics import exact_f1_document
+from scd_pipeline.stages import cache_logits as cache
 
 VOCAB = 259  # byte_level_tokenizer(): 256 bytes + 3 ChatML specials
 N_SAMPLES = 14

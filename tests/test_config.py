@@ -7,7 +7,7 @@ import yaml
 from typer.testing import CliRunner
 
 from scd_pipeline.cli import app
-from scd_pipeline.config import (
+from scd_pipeline.engine.config import (
     load_config,
     parse_assignment,
     validate_config,

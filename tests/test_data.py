@@ -1,7 +1,7 @@
 """prepare-data: every source, the splits, prompts/completions, truncation, balancing, bad input.
 
 Uses the shared JMED-LLM files (../shared/data/jmed-llm) and the byte-level tokenizer of
-scd_pipeline.tiny (one token per UTF-8 byte, ChatML template, end of turn <|im_end|>).
+scd_pipeline.engine.tiny (one token per UTF-8 byte, ChatML template, end of turn <|im_end|>).
 """
 
 from __future__ import annotations
@@ -21,21 +21,22 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from scd_pipeline import data as data_stage
-from scd_pipeline import splits
 from scd_pipeline.cli import app
-from scd_pipeline.config import load_config
-from scd_pipeline.data import (
-    Example,
+from scd_pipeline.engine import splits
+from scd_pipeline.engine.config import load_config
+from scd_pipeline.engine.splits import Example
+from scd_pipeline.engine.tokenization import load_tokenizer
+from scd_pipeline.errors import ConfigError, DataError
+from scd_pipeline.stages import prepare_data as data_stage
+from scd_pipeline.stages.prepare_data import (
     balance_rows,
     inverse_frequency_weights,
-    load_jmed,
     prepare_data,
     proportional_quotas,
     select_splits,
 )
-from scd_pipeline.errors import ConfigError, DataError
-from scd_pipeline.tokenization import load_tokenizer
+from scd_pipeline.stages.prepare_data import sources as data_sources
+from scd_pipeline.stages.prepare_data.sources import load_jmed
 
 END = "<|im_end|>"
 GENERATION_PROMPT = "<|im_start|>assistant\n"
@@ -338,7 +339,7 @@ def test_demo_takes_the_last_rows_as_test(tmp_path, tiny_tokenizer_dir, monkeypa
         return [{"sample_id": f"demo-{i:05d}", "tag": "t", "question": f"case {i}: {'x' * 30}\nA. no\nB. yes\nAnswer.",
                  "choices": ["A", "B"], "answer": "AB"[i % 2], "label": i % 2} for i in range(n_examples)]
 
-    monkeypatch.setitem(sys.modules, "scd_pipeline.demo", types.SimpleNamespace(generate_demo=generate_demo))
+    monkeypatch.setitem(sys.modules, "scd_pipeline.stages.prepare_data.demo", types.SimpleNamespace(generate_demo=generate_demo))
     config = make_config(tmp_path, "demo", demo={"n_examples": 30, "test_size": 10, "seed": 1,
                                                  "tag_shares": SHARES}, max_length=50, system_prompt="")
     splits = read_splits(prepare_data(config, tiny_tokenizer_dir))
@@ -355,7 +356,7 @@ def test_demo_takes_the_last_rows_as_test(tmp_path, tiny_tokenizer_dir, monkeypa
 
 
 def test_demo_with_the_real_generator(tmp_path, tiny_tokenizer_dir):
-    demo = pytest.importorskip("scd_pipeline.demo")
+    demo = pytest.importorskip("scd_pipeline.stages.prepare_data.demo")
     config = make_config(tmp_path, "demo", demo={"n_examples": 60, "test_size": 20, "seed": 7,
                                                  "tag_shares": SHARES})
     splits = read_splits(prepare_data(config, tiny_tokenizer_dir))
@@ -593,7 +594,7 @@ def test_cli_prints_one_error_line_and_exits_2(tmp_path, tiny_tokenizer_dir):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "smdis.csv: line 14" in lines[0]
     written = [str(p.relative_to(tmp_path / "results")) for p in (tmp_path / "results").rglob("*") if p.is_file()]
-    assert written == [".locks/smdis/data.lock"]  # the stage's lock (scd_pipeline.locking), no data
+    assert written == [".locks/smdis/data.lock"]  # the stage's lock (scd_pipeline.engine.locking), no data
 
 
 def test_cli_writes_the_data_directory(tmp_path, tiny_tokenizer_dir, jmed_root):
@@ -628,7 +629,7 @@ def upstream(tmp_path, jmed_root, monkeypatch):
         ("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(served)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    monkeypatch.setattr(data_stage, "JMED_BASE_URL", f"http://127.0.0.1:{server.server_port}")
+    monkeypatch.setattr(data_sources, "JMED_BASE_URL", f"http://127.0.0.1:{server.server_port}")
     yield served
     server.shutdown()
     server.server_close()
@@ -642,7 +643,7 @@ def test_download_fetches_verifies_and_prepares(tmp_path, tiny_tokenizer_dir, jm
     for relative in ("test/smdis.csv", "all/smdis.csv"):
         assert (root / relative).read_bytes() == (jmed_root / relative).read_bytes()
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["sources"][1]["sha256"] == data_stage.JMED_KNOWN_SHA256["datasets/all/SMDIS.csv"]
+    assert manifest["sources"][1]["sha256"] == data_sources.JMED_KNOWN_SHA256["datasets/all/SMDIS.csv"]
 
 
 def test_download_with_a_wrong_checksum_writes_nothing(tmp_path, tiny_tokenizer_dir, upstream):
@@ -656,7 +657,7 @@ def test_download_with_a_wrong_checksum_writes_nothing(tmp_path, tiny_tokenizer_
 
 def test_download_offline_is_one_line(tmp_path, tiny_tokenizer_dir, monkeypatch):
     with socket_closed_port() as port:
-        monkeypatch.setattr(data_stage, "JMED_BASE_URL", f"http://127.0.0.1:{port}")
+        monkeypatch.setattr(data_sources, "JMED_BASE_URL", f"http://127.0.0.1:{port}")
         config = make_config(tmp_path / "results", jmed_root=str(tmp_path / "jmed"), jmed_download=True)
         with pytest.raises(DataError, match="cannot download .*data.jmed_download: false") as error:
             prepare_data(config, tiny_tokenizer_dir)

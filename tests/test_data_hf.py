@@ -12,9 +12,9 @@ import datasets
 import pandas as pd
 import pytest
 
-from scd_pipeline.config import load_config
-from scd_pipeline.data import prepare_data
+from scd_pipeline.engine.config import load_config
 from scd_pipeline.errors import DataError
+from scd_pipeline.stages.prepare_data import prepare_data
 
 FIELDS = {"id": "uid", "question": "text", "answer": "gold", "tag": "group", "options": ["yes", "no"]}
 

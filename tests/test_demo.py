@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from scd_pipeline.config import load_config
-from scd_pipeline.demo import (
+from scd_pipeline.engine.config import load_config
+from scd_pipeline.errors import ConfigError
+from scd_pipeline.stages.prepare_data.demo import (
     LABELS,
     MAX_SNIPPET_TOKENS,
     RULE_DOC,
@@ -24,7 +25,6 @@ from scd_pipeline.demo import (
     generate_demo,
     label_case,
 )
-from scd_pipeline.errors import ConfigError
 
 # The generator arguments of config.yaml's data.demo (so these checks follow the shipped defaults).
 DEFAULT = {key: value for key, value in load_config(None, {})["data"]["demo"].items() if key != "test_size"}

@@ -16,10 +16,20 @@ from test_cache import build_tiny_task, save_model, tiny_checkpoint, tiny_config
 from test_evaluate import one_torch_thread  # noqa: F401 (fixture)
 from typer.testing import CliRunner
 
-from scd_pipeline import cache, logit_cache
-from scd_pipeline.batching import collate, completion_logits, frame_batch, read_split
 from scd_pipeline.cli import app
-from scd_pipeline.distill import (
+from scd_pipeline.engine import logit_cache
+from scd_pipeline.engine.batching import collate, completion_logits, frame_batch, read_split
+from scd_pipeline.engine.methods import Method, default_name, parse_method
+from scd_pipeline.engine.models import load_model
+from scd_pipeline.engine.scoring import PassRule, pass_rates
+from scd_pipeline.engine.tiny import byte_level_tokenizer
+from scd_pipeline.engine.training import read_resume_progress
+from scd_pipeline.errors import ConfigError, DataError, ModelError
+from scd_pipeline.math.losses import SparseTarget
+from scd_pipeline.math.schedules import cache_kl, mean_token_kl, student_cache_kl
+from scd_pipeline.math.weighting import paced_weight, step_share, weighted_mean
+from scd_pipeline.stages import cache_logits as cache
+from scd_pipeline.stages.distill import (
     average_target,
     divergence_for,
     divergence_name_at,
@@ -27,16 +37,7 @@ from scd_pipeline.distill import (
     run_distill,
     sample_losses,
 )
-from scd_pipeline.errors import ConfigError, DataError, ModelError
-from scd_pipeline.losses import SparseTarget
-from scd_pipeline.methods import Method, default_name, parse_method
-from scd_pipeline.models import load_model
-from scd_pipeline.schedules import cache_kl, mean_token_kl, student_cache_kl
-from scd_pipeline.scoring import PassRule, pass_rates
-from scd_pipeline.subdomains import estimate_subdomains, probe_sample_ids
-from scd_pipeline.tiny import byte_level_tokenizer
-from scd_pipeline.training import read_resume_progress
-from scd_pipeline.weighting import paced_weight, step_share, weighted_mean
+from scd_pipeline.stages.estimate_subdomains import estimate_subdomains, probe_sample_ids
 
 LAMBDA = 0.5
 # Pinned here so the tests do not follow config.yaml's defaults (sized for real runs). Three phases,

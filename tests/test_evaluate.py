@@ -13,15 +13,15 @@ import pandas as pd
 import pytest
 import torch
 
-from scd_pipeline import scoring as scoring_module
-from scd_pipeline.config import load_config
+from scd_pipeline.engine import scoring as scoring_module
+from scd_pipeline.engine.config import load_config
+from scd_pipeline.engine.models import load_model
+from scd_pipeline.engine.naming import default_eval_name
+from scd_pipeline.engine.scoring import parse_list_output
+from scd_pipeline.engine.tiny import byte_level_tokenizer, tiny_llama
 from scd_pipeline.errors import ModelError
-from scd_pipeline.evaluate import PREDICTION_COLUMNS, evaluate
-from scd_pipeline.metrics import exact_f1, partial_f1
-from scd_pipeline.models import load_model
-from scd_pipeline.naming import default_eval_name
-from scd_pipeline.scoring import parse_list_output
-from scd_pipeline.tiny import byte_level_tokenizer, tiny_llama
+from scd_pipeline.math.metrics import exact_f1, partial_f1
+from scd_pipeline.stages.evaluate import PREDICTION_COLUMNS, evaluate
 
 LETTERS = ["A", "B", "C", "D"]
 

@@ -66,7 +66,7 @@ def test_a_wheel_install_runs_from_an_empty_folder(tmp_path):
 
 
 def test_the_packaged_defaults_are_the_files_snakemake_reads():
-    from scd_pipeline.config import DEFAULT_CONFIG, SCHEMA_PATH
+    from scd_pipeline.engine.config import DEFAULT_CONFIG, SCHEMA_PATH
 
     assert DEFAULT_CONFIG.resolve() == (REPO / "config.yaml").resolve()
     assert SCHEMA_PATH.resolve() == (REPO / "workflow" / "schemas" / "config.schema.yaml").resolve()

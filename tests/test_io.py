@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from scd_pipeline.io import atomic_dir, atomic_path, read_json, write_json
+from scd_pipeline.engine.io import atomic_dir, atomic_path, read_json, write_json
 
 
 def test_atomic_path_renames_on_success(tmp_path):

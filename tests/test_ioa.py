@@ -18,11 +18,14 @@ import yaml
 from test_evaluate import one_torch_thread  # noqa: F401 (fixture)
 from typer.testing import CliRunner
 
-from scd_pipeline import ioa, scoring
-from scd_pipeline.batching import read_split
 from scd_pipeline.cli import app
-from scd_pipeline.config import load_config
-from scd_pipeline.curriculum import (
+from scd_pipeline.engine import scoring
+from scd_pipeline.engine.batching import read_split
+from scd_pipeline.engine.config import load_config
+from scd_pipeline.engine.logit_cache import open_task_cache
+from scd_pipeline.engine.methods import parse_method
+from scd_pipeline.errors import ConfigError, DataError
+from scd_pipeline.math.curriculum import (
     ADVANCE,
     ADVANCE_UNMASTERED,
     REMEDIAL,
@@ -39,11 +42,9 @@ from scd_pipeline.curriculum import (
     strata_edges,
     zpd_report,
 )
-from scd_pipeline.distill import run_distill
-from scd_pipeline.errors import ConfigError, DataError
-from scd_pipeline.logit_cache import open_task_cache
-from scd_pipeline.methods import parse_method
-from scd_pipeline.synthesize import (
+from scd_pipeline.stages import ioa_plan as ioa
+from scd_pipeline.stages.distill import run_distill
+from scd_pipeline.stages.synthesize import (
     candidate_body,
     interleaved,
     near_duplicate_reason,

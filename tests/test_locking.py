@@ -23,15 +23,15 @@ from test_slurm import tiny_workflow_config
 from typer.testing import CliRunner
 
 from scd_pipeline.cli import app
-from scd_pipeline.config import load_config
-from scd_pipeline.locking import (
+from scd_pipeline.engine.config import load_config
+from scd_pipeline.engine.locking import (
     Artifact,
     LockHeld,
     lock_file,
-    stage_artifacts,
     stage_lock,
     stale_temporaries,
 )
+from scd_pipeline.stages import artifacts as stage_artifacts
 
 SCD = str(Path(sys.executable).parent / "scd-pipeline")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -149,9 +149,11 @@ def test_a_second_teacher_sft_leaves_the_running_one_alone(task_copy):
 
 HOLDER = """
 import sys, time
-from scd_pipeline.config import load_config
-from scd_pipeline.locking import stage_lock
-with stage_lock(sys.argv[1], load_config(None, {"results_dir": sys.argv[2], "task": "demo"}), name="td"):
+from scd_pipeline.engine.config import load_config
+from scd_pipeline.engine.locking import stage_lock
+from scd_pipeline.stages import artifacts
+config = load_config(None, {"results_dir": sys.argv[2], "task": "demo"})
+with stage_lock(config, artifacts(sys.argv[1], config, name="td")):
     print("locked", flush=True)
     time.sleep(600)
 """
@@ -182,13 +184,13 @@ def config_at(tmp_path: Path) -> dict:
 def test_the_lock_names_the_holder_and_dies_with_it(tmp_path, holder):
     config = config_at(tmp_path)
     first = holder()
-    with pytest.raises(LockHeld) as error, stage_lock("distill", config, name="td"):
+    with pytest.raises(LockHeld) as error, stage_lock(config, stage_artifacts("distill", config, name="td")):
         pass
     assert str(error.value).startswith(f"{tmp_path}/results/demo/students/td is being written by pid "
                                        f"{first.pid} (python -c ")
     first.kill()  # SIGKILL: nothing runs to release it, the OS does
     first.wait()
-    with stage_lock("distill", config, name="td") as artifacts:
+    with stage_lock(config, stage_artifacts("distill", config, name="td")) as artifacts:
         assert [a.path.name for a in artifacts] == ["td", "distill-td"]
         holder_record = json.loads(lock_file(config, artifacts[0].path).read_text())
         assert holder_record["pid"] == os.getpid()
@@ -198,10 +200,10 @@ def test_only_rank_0_of_a_multi_process_launch_locks(tmp_path, holder, monkeypat
     config = config_at(tmp_path)
     holder()
     monkeypatch.setenv("LOCAL_RANK", "1")  # accelerate launch: the other processes of the job
-    with stage_lock("distill", config, name="td"):
+    with stage_lock(config, stage_artifacts("distill", config, name="td")):
         pass
     monkeypatch.setenv("RANK", "0")  # RANK decides when both are set
-    with pytest.raises(LockHeld), stage_lock("distill", config, name="td"):
+    with pytest.raises(LockHeld), stage_lock(config, stage_artifacts("distill", config, name="td")):
         pass
 
 
@@ -219,7 +221,7 @@ def test_stale_temporaries_are_removed_only_under_the_lock(tmp_path, holder):
     for path in leftovers + kept:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("x")
-    with pytest.raises(LockHeld), stage_lock("distill", config, name="td"):
+    with pytest.raises(LockHeld), stage_lock(config, stage_artifacts("distill", config, name="td")):
         pass
     assert all(path.exists() for path in leftovers + kept)
 
@@ -236,7 +238,7 @@ def test_stale_temporaries_of_a_killed_writer_go_when_the_next_one_starts(tmp_pa
     for path in leftovers + kept:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("x")
-    with stage_lock("distill", config, name="td"):
+    with stage_lock(config, stage_artifacts("distill", config, name="td")):
         pass
     assert not any(path.exists() for path in leftovers) and all(path.exists() for path in kept)
     assert not (root / "students" / ".td.k2j4.tmp").exists()
@@ -290,9 +292,11 @@ COMMANDS = {  # command: (the artifact a running writer holds, the command line 
 
 WIRING_HOLDER = """
 import json, sys, time
-from scd_pipeline.config import load_config
-from scd_pipeline.locking import stage_lock
-with stage_lock(sys.argv[1], load_config(sys.argv[2]), **json.loads(sys.argv[3])):
+from scd_pipeline.engine.config import load_config
+from scd_pipeline.engine.locking import stage_lock
+from scd_pipeline.stages import artifacts
+config = load_config(sys.argv[2])
+with stage_lock(config, artifacts(sys.argv[1], config, **json.loads(sys.argv[3]))):
     print("locked", flush=True)
     time.sleep(600)
 """

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from scd_pipeline.errors import ConfigError
-from scd_pipeline.losses import (
+from scd_pipeline.math.losses import (
     DIVERGENCES,
     SparseTarget,
     Taid,

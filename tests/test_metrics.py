@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from scd_pipeline.errors import ConfigError
-from scd_pipeline.metrics import (
+from scd_pipeline.math.metrics import (
     accuracy,
     choice_metrics,
     cohen_kappa,

@@ -19,22 +19,21 @@ from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
 from typer.testing import CliRunner
 
 from scd_pipeline.cli import app
-from scd_pipeline.config import load_config, validate_config
+from scd_pipeline.engine.config import load_config, validate_config
+from scd_pipeline.engine.models import load_model, model_dir
+from scd_pipeline.engine.tiny import byte_level_tokenizer, tiny_llama
+from scd_pipeline.engine.tokenization import load_tokenizer, tokenizer_fingerprint
 from scd_pipeline.errors import ModelError
-from scd_pipeline.models import (
+from scd_pipeline.stages.prepare_model import (
     convert_embedded,
     embedded_cache_dir,
     load_gguf,
-    load_model,
     locate_embedded_gguf,
-    model_dir,
     prepare_model,
     prune_layers,
     read_manifest,
     select_layers,
 )
-from scd_pipeline.tiny import byte_level_tokenizer, tiny_llama
-from scd_pipeline.tokenization import load_tokenizer, tokenizer_fingerprint
 
 EMBEDDED = "embedded:smollm2-135m-instruct"
 

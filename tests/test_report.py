@@ -24,20 +24,16 @@ import pytest
 from typer.testing import CliRunner
 
 from scd_pipeline.cli import app
-from scd_pipeline.config import load_config
+from scd_pipeline.engine.config import load_config
+from scd_pipeline.engine.io import json_safe, write_json
+from scd_pipeline.engine.methods import method_label, parse_method
+from scd_pipeline.engine.scoring import summarise
 from scd_pipeline.errors import DataError
-from scd_pipeline.io import json_safe, write_json
-from scd_pipeline.methods import parse_method
-from scd_pipeline.report import (
-    ReportResult,
-    best_student_mask,
-    build_report,
-    method_label,
-    read_schedule,
-)
-from scd_pipeline.schedules import scd_choose
-from scd_pipeline.scoring import summarise
-from scd_pipeline.subdomains import subdomain_table, summarize_subdomains
+from scd_pipeline.math.schedules import scd_choose
+from scd_pipeline.stages.estimate_subdomains import subdomain_table, summarize_subdomains
+from scd_pipeline.stages.report import ReportResult, build_report
+from scd_pipeline.stages.report.inputs import read_schedule
+from scd_pipeline.stages.report.tables import best_student_mask
 
 LETTERS = ["A", "B", "C", "D"]
 GOLD = ["A", "B", "C", "D"]

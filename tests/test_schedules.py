@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from scd_pipeline.logit_cache import LOGPROB_STEP, decode_logprobs, encode_logprobs
-from scd_pipeline.losses import SparseTarget
-from scd_pipeline.schedules import (
+from scd_pipeline.engine.logit_cache import LOGPROB_STEP, decode_logprobs, encode_logprobs
+from scd_pipeline.math.losses import SparseTarget
+from scd_pipeline.math.schedules import (
     cache_kl,
     cd_schedule,
     mean_token_kl,

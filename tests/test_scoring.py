@@ -9,11 +9,11 @@ import pytest
 import torch
 from test_evaluate import list_rows, one_torch_thread  # noqa: F401 (fixture)
 
-from scd_pipeline.batching import frame_batch
-from scd_pipeline.scoring import PassRule, list_pass_rate, pass_rates, sample_score
-from scd_pipeline.tiny import byte_level_tokenizer, tiny_llama
-from scd_pipeline.training import CompletionLM, per_sample_mean_nll
-from scd_pipeline.weighting import paced_weight
+from scd_pipeline.engine.batching import frame_batch
+from scd_pipeline.engine.scoring import PassRule, list_pass_rate, pass_rates, sample_score
+from scd_pipeline.engine.tiny import byte_level_tokenizer, tiny_llama
+from scd_pipeline.engine.training import CompletionLM, per_sample_mean_nll
+from scd_pipeline.math.weighting import paced_weight
 
 
 def test_sample_score_is_the_task_metric_of_one_sample():

@@ -12,15 +12,12 @@ import torch
 from safetensors.torch import load_file
 from test_evaluate import one_torch_thread, tiny_config, write_choice_task  # noqa: F401 (fixture)
 
-from scd_pipeline import sft as sft_module
-from scd_pipeline.batching import frame_batch
-from scd_pipeline.checkpoints import best_checkpoint_index
-from scd_pipeline.errors import ConfigError, DataError
-from scd_pipeline.models import load_model
-from scd_pipeline.scoring import mean_gold_nll, predict_split
-from scd_pipeline.sft import run_sft, sft_paths
-from scd_pipeline.tiny import byte_level_tokenizer, tiny_llama
-from scd_pipeline.training import (
+from scd_pipeline.engine.batching import frame_batch
+from scd_pipeline.engine.checkpoints import best_checkpoint_index
+from scd_pipeline.engine.models import load_model
+from scd_pipeline.engine.scoring import mean_gold_nll, predict_split
+from scd_pipeline.engine.tiny import byte_level_tokenizer, tiny_llama
+from scd_pipeline.engine.training import (
     CompletionLM,
     checkpoint_steps,
     cosine_warmup_factor,
@@ -28,7 +25,10 @@ from scd_pipeline.training import (
     read_resume_progress,
     training_plan,
 )
-from scd_pipeline.weighting import step_share
+from scd_pipeline.errors import ConfigError, DataError
+from scd_pipeline.math.weighting import step_share
+from scd_pipeline.stages import sft as sft_module
+from scd_pipeline.stages.sft import run_sft, sft_paths
 
 # 16 training rows, 4 per micro-batch, 2 epochs -> 8 optimizer steps; 4 checkpoints -> steps 2, 4, 6, 8;
 # the resume state after every step, so a simulated kill resumes from the step it stopped at.
@@ -255,7 +255,7 @@ def test_cli_student_lora_run_writes_an_adapter_that_evaluate_accepts(tmp_path):
     from typer.testing import CliRunner
 
     from scd_pipeline.cli import app
-    from scd_pipeline.evaluate import evaluate
+    from scd_pipeline.stages.evaluate import evaluate
 
     results = write_choice_task(tmp_path)
     result = CliRunner().invoke(app, [

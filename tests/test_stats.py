@@ -1,5 +1,5 @@
 """Paired bootstrap, seed resampling, the SFS/TFS outcome identity and the power formulas, each on a
-case whose answer is known by hand (scd_pipeline.stats)."""
+case whose answer is known by hand (scd_pipeline.math.stats)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from scd_pipeline.metrics import cohen_kappa, macro_f1
-from scd_pipeline.stats import (
+from scd_pipeline.math.metrics import cohen_kappa, macro_f1
+from scd_pipeline.math.stats import (
     PairedBootstrap,
     SampleScores,
     accuracy_row_variance,
@@ -24,7 +24,7 @@ from scd_pipeline.stats import (
     resample_counts,
     sfs_outcome,
 )
-from scd_pipeline.subdomains import decompose_gap
+from scd_pipeline.stages.estimate_subdomains import decompose_gap
 
 N_ROWS = 100
 

@@ -12,19 +12,20 @@ import torch
 from test_cache import VOCAB, build_tiny_task, dense_logprobs, tiny_config
 from typer.testing import CliRunner
 
-from scd_pipeline import cache, logit_cache
-from scd_pipeline.batching import read_split
 from scd_pipeline.cli import app
-from scd_pipeline.models import load_model
-from scd_pipeline.scoring import predict_split
-from scd_pipeline.stats import decompose_gap
-from scd_pipeline.subdomains import (
+from scd_pipeline.engine import logit_cache
+from scd_pipeline.engine.batching import read_split
+from scd_pipeline.engine.models import load_model
+from scd_pipeline.engine.scoring import predict_split
+from scd_pipeline.math.stats import decompose_gap
+from scd_pipeline.math.weighting import adaptive_weight
+from scd_pipeline.stages import cache_logits as cache
+from scd_pipeline.stages.estimate_subdomains import (
     checkpoint_kl_matrix,
     probe_sample_ids,
     subdomain_table,
     summarize_subdomains,
 )
-from scd_pipeline.weighting import adaptive_weight
 
 
 def test_adaptive_weight_is_sigmoid_of_log_ratio_equal_to_a_over_a_plus_b():

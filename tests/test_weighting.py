@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from scd_pipeline.weighting import adaptive_weight, combine, paced_weight, weighted_mean
+from scd_pipeline.math.weighting import adaptive_weight, combine, paced_weight, weighted_mean
 
 
 def test_adaptive_weight_is_the_ratio_of_nlls():

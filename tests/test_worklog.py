@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 from test_evaluate import choice_rows, one_torch_thread  # noqa: F401 (fixture)
 
-from scd_pipeline import worklog
-from scd_pipeline.scoring import forward_batches
-from scd_pipeline.tiny import byte_level_tokenizer, tiny_llama
+from scd_pipeline.engine import worklog
+from scd_pipeline.engine.scoring import forward_batches
+from scd_pipeline.engine.tiny import byte_level_tokenizer, tiny_llama
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ import re
 import sys
 from pathlib import Path
 
-from scd_pipeline.config import validate_config
+from scd_pipeline.engine.config import validate_config
 
 validate_config(config)
 
@@ -89,7 +89,7 @@ def _config_file(settings: dict) -> str:
 
 def _write_config_files() -> None:
     """Write each config file a job may read, atomically, if it is not there yet."""
-    from scd_pipeline.io import atomic_path
+    from scd_pipeline.engine.io import atomic_path
 
     for path, text in _CONFIG_FILES.items():
         if not path.is_file():
@@ -127,3 +127,12 @@ def settings(*keys, exclude=()):
         if isinstance(node, dict):
             node.pop(leaf, None)
     return json.dumps(picked, sort_keys=True)
+
+
+# Artifacts that several rule files name (each is written by the rule file of the same stage).
+CHECKPOINTS = list(range(1, config["sft"]["teacher"]["n_checkpoints"] + 1))
+CACHES = expand(TASK_DIR + "/logits/ckpt-{k}.parquet", k=CHECKPOINTS)
+SYNTHETIC = TASK_DIR + "/data/synthetic.parquet"
+SYNTHETIC_CACHES = expand(TASK_DIR + "/logits/synthetic/ckpt-{k}.parquet", k=CHECKPOINTS)
+IOA_PLAN = [TASK_DIR + "/ioa/plan.json", TASK_DIR + "/ioa/val_scores.parquet"]
+SYNTHESIS_SUMMARY = TASK_DIR + "/ioa/synthesis.json"

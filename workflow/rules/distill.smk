@@ -1,8 +1,8 @@
 # Stage: one distilled student per configured method (teacher signal from the caches only); with
 # `replicates: N` > 1, N per method (students/{method}/seed-{s}, seed = config seed + s), one job each.
 
-from scd_pipeline.methods import parse_method
-from scd_pipeline.naming import replicate_student_name
+from scd_pipeline.engine.methods import parse_method
+from scd_pipeline.engine.naming import replicate_student_name
 
 METHODS = config["distill"]["methods"]
 REPLICATES = config["replicates"]

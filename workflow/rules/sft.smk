@@ -2,7 +2,6 @@
 # The teacher SFT is a Snakemake checkpoint: which of its checkpoints is T* (best validation
 # metric, teacher/checkpoints.json) decides which one the report evaluates on the test split.
 
-CHECKPOINTS = list(range(1, config["sft"]["teacher"]["n_checkpoints"] + 1))
 TEACHER_CKPTS = expand(TASK_DIR + "/teacher/ckpt-{k}", k=CHECKPOINTS)
 
 

@@ -8,7 +8,7 @@ A method is a checkpoint schedule plus per-sample weightings:
 - weightings: ``+aw`` (Adaptive Weighting of the CE/KD mix), ``+paced`` (PACED's p(1 - p) weight
   on each sample's loss);
 - the curriculum: ``+ioa`` trains stage by stage through IOA's mastery-gated curriculum, on the
-  training rows plus the teacher-synthesised ones (:mod:`scd_pipeline.curriculum`);
+  training rows plus the teacher-synthesised ones (:mod:`scd_pipeline.math.curriculum`);
 - ``scd_aw`` is the paper's name for ``scd+aw``; ``ioa`` alone is ``td+ioa`` (T* targets).
 
 Canonical labels put the schedule first and the suffixes in that order: ``td+paced``,

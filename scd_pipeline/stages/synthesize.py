@@ -47,11 +47,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from scd_pipeline.batching import read_split
-from scd_pipeline.config import task_dir, write_effective_config
-from scd_pipeline.curriculum import NgramIndex, ioa_dir, read_plan, row_members
+from scd_pipeline.engine.batching import read_split
+from scd_pipeline.engine.config import task_dir, write_effective_config
+from scd_pipeline.engine.curriculum_files import ioa_dir, read_plan
+from scd_pipeline.engine.io import atomic_path, read_json, sha256_file, sha256_text, write_json
+from scd_pipeline.engine.locking import Artifact
 from scd_pipeline.errors import DataError
-from scd_pipeline.io import atomic_path, read_json, sha256_file, sha256_text, write_json
+from scd_pipeline.math.curriculum import NgramIndex, row_members
 
 REGISTERS = ("remedial", "standard", "bridging")
 HEADERS = {"remedial": "Short, simple questions of the kind '{module}', one fact each:",
@@ -191,7 +193,7 @@ def _generate(model, tokenizer, prompts: list[dict], config: dict, state: Path, 
     """
     from tqdm.auto import tqdm
 
-    from scd_pipeline.scoring import generate
+    from scd_pipeline.engine.scoring import generate
 
     synthesis = config["ioa"]["synthesis"]
     state.mkdir(parents=True, exist_ok=True)
@@ -228,7 +230,7 @@ def _generate(model, tokenizer, prompts: list[dict], config: dict, state: Path, 
 
 
 def _encoder(config: dict, tokenizer):
-    from scd_pipeline.splits import PromptEncoder, end_of_turn_id, make_prompt_renderer
+    from scd_pipeline.engine.splits import PromptEncoder, end_of_turn_id, make_prompt_renderer
 
     data = config["data"]
     return PromptEncoder(tokenizer, make_prompt_renderer(tokenizer, data["system_prompt"]),
@@ -237,7 +239,7 @@ def _encoder(config: dict, tokenizer):
 
 def _answer(model, tokenizer, frame: pd.DataFrame, kind: str, config: dict) -> tuple[list[str], np.ndarray]:
     """T*'s answer to each provisional row and its probability (see the module doc, check 2)."""
-    from scd_pipeline.scoring import letter_probabilities, predict_split
+    from scd_pipeline.engine.scoring import letter_probabilities, predict_split
 
     batch_size = config["cache"]["batch_size"]
     if kind == "choice":
@@ -255,11 +257,11 @@ def synthesize(config: dict) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from scd_pipeline.checkpoints import checkpoint_entry, read_checkpoints
-    from scd_pipeline.logit_cache import checkpoint_identity, open_task_cache
-    from scd_pipeline.models import load_model
-    from scd_pipeline.scoring import predict_split, stop_token_ids
-    from scd_pipeline.splits import Example, split_question, split_schema
+    from scd_pipeline.engine.checkpoints import checkpoint_entry, read_checkpoints
+    from scd_pipeline.engine.logit_cache import checkpoint_identity, open_task_cache
+    from scd_pipeline.engine.models import load_model
+    from scd_pipeline.engine.scoring import predict_split, stop_token_ids
+    from scd_pipeline.engine.splits import Example, split_question, split_schema
 
     synthesis = config["ioa"]["synthesis"]
     root = task_dir(config)
@@ -396,3 +398,11 @@ def read_synthesis(config: dict) -> dict:
     """``ioa/synthesis.json``, or {} when synthesis has not run."""
     path = ioa_dir(config) / SUMMARY_FILE
     return read_json(path) if path.is_file() else {}
+
+
+def artifacts(config: dict) -> list[Artifact]:
+    """What ``synthesize`` writes: the synthetic split, its summary and config; and its resume state."""
+    folder = ioa_dir(config)
+    return [Artifact(synthetic_path(config),
+                     (synthetic_path(config), folder / SUMMARY_FILE, folder / "synthesize.config.yaml")),
+            Artifact(state_dir(config), (state_dir(config),), resume_state=True)]

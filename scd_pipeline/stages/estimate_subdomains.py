@@ -8,14 +8,14 @@ temperature 1, for the student and the teacher alike.
 - SFS/TFS: a sample is student-favoured (SFS) iff L_S^SFT < L_T* (T* = the best checkpoint);
   every other sample (ties included) is teacher-favoured (TFS).
 - AW against each checkpoint c: sigmoid(log L_S^SFT - log L_c) = L_S^SFT / (L_S^SFT + L_c)
-  (:func:`scd_pipeline.weighting.adaptive_weight`).
+  (:func:`scd_pipeline.math.weighting.adaptive_weight`).
 - Gap decomposition, for a per-sample risk r (loss: the NLL; metric: the error 1 - score, the
-  score being the task metric of the sample, :func:`scd_pipeline.scoring.sample_score`, the same
+  score being the task metric of the sample, :func:`scd_pipeline.engine.scoring.sample_score`, the same
   the caches store and evaluation reports), with d = r_S - r_T* per sample:
   R(S) - R(T*) = mean_all(d) = share_SFS * mean_SFS(d) + share_TFS * mean_TFS(d), reported as
   ``gap = advantage_sfs + deficit_tfs`` (signed: student minus teacher, so in loss the SFS term is
   <= 0 and the TFS term >= 0).
-- KL(a || b) between checkpoints: :func:`scd_pipeline.schedules.cache_kl` (each cache renormalised
+- KL(a || b) between checkpoints: :func:`scd_pipeline.math.schedules.cache_kl` (each cache renormalised
   at temperature 1, its tail spread uniformly over the ids it does not list), averaged over all
   completion tokens of the probe set, for every pair; the row of T* is the KL(T* || c) term that
   SCD distillation reads from ``subdomains.json``.
@@ -33,17 +33,18 @@ import numpy as np
 import pandas as pd
 import torch
 
-from scd_pipeline.batching import read_split
-from scd_pipeline.checkpoints import checkpoint_indices, read_checkpoints
-from scd_pipeline.config import task_dir, write_effective_config
+from scd_pipeline.engine.batching import read_split
+from scd_pipeline.engine.checkpoints import checkpoint_indices, read_checkpoints
+from scd_pipeline.engine.config import task_dir, write_effective_config
+from scd_pipeline.engine.io import atomic_path, write_json
+from scd_pipeline.engine.locking import Artifact
+from scd_pipeline.engine.logit_cache import LogitCache, open_task_cache
+from scd_pipeline.engine.models import is_model_dir
+from scd_pipeline.engine.scoring import predict_split
 from scd_pipeline.errors import DataError, ModelError
-from scd_pipeline.io import atomic_path, write_json
-from scd_pipeline.logit_cache import LogitCache, open_task_cache
-from scd_pipeline.models import is_model_dir
-from scd_pipeline.schedules import CACHE_KL_DEFINITION, cache_kl, mean_token_kl
-from scd_pipeline.scoring import predict_split
-from scd_pipeline.stats import decompose_gap
-from scd_pipeline.weighting import adaptive_weight
+from scd_pipeline.math.schedules import CACHE_KL_DEFINITION, cache_kl, mean_token_kl
+from scd_pipeline.math.stats import decompose_gap
+from scd_pipeline.math.weighting import adaptive_weight
 
 NLL_DEFINITION = "per-sample gold NLL, mean over completion tokens, temperature 1 (cache column nll_mean)"
 SFS_RULE = "student-favoured (sfs) iff student_sft_nll < nll_ckpt_{best}; ties are teacher-favoured"
@@ -120,7 +121,7 @@ def summarize_subdomains(table: pd.DataFrame, best_index: int) -> dict:
 
 def checkpoint_kl_matrix(caches: Mapping[int, LogitCache], probe_ids: Sequence[str]) -> dict[int, dict[int, float]]:
     """``{a: {b: KL(a || b)}}`` between every pair of checkpoint caches: mean over all completion
-    tokens of the probe samples of :func:`scd_pipeline.schedules.cache_kl`."""
+    tokens of the probe samples of :func:`scd_pipeline.math.schedules.cache_kl`."""
     targets = {index: cache.targets(probe_ids) for index, cache in caches.items()}
     counts = {index: tuple(cache.token_counts(probe_ids)) for index, cache in caches.items()}
     if len(set(counts.values())) > 1:
@@ -140,9 +141,9 @@ def estimate_subdomains(config: dict, synthetic: bool = False) -> dict:
     ``subdomains-synthetic.parquet`` / ``.json``: the same table (AW per checkpoint for those
     rows), no probe and no checkpoint KL matrix (SCD measures those on the training split).
     """
-    from scd_pipeline.logit_cache import SYNTHETIC
-    from scd_pipeline.models import load_model
-    from scd_pipeline.tokenization import load_tokenizer
+    from scd_pipeline.engine.logit_cache import SYNTHETIC
+    from scd_pipeline.engine.models import load_model
+    from scd_pipeline.engine.tokenization import load_tokenizer
 
     root = task_dir(config)
     split = SYNTHETIC if synthetic else config["cache"]["split"]
@@ -185,3 +186,11 @@ def estimate_subdomains(config: dict, synthetic: bool = False) -> dict:
     write_json(root / f"{stem}.json", summary)
     write_effective_config(config, root, f"estimate-{stem}")
     return {**summary, "paths": [str(table_path), str(root / f"{stem}.json")]}
+
+
+def artifacts(config: dict, *, synthetic: bool = False) -> list[Artifact]:
+    """What ``estimate-subdomains [--synthetic]`` writes: the per-sample table, its summary, config."""
+    root = task_dir(config)
+    stem = "subdomains-synthetic" if synthetic else "subdomains"
+    return [Artifact(root / f"{stem}.parquet",
+                     (root / f"{stem}.parquet", root / f"{stem}.json", root / f"estimate-{stem}.config.yaml"))]

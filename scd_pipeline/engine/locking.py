@@ -1,7 +1,8 @@
 """One writer per artifact: a stage holds an exclusive OS lock on everything it writes.
 
-Before touching anything, a stage locks each artifact it writes (its outputs and its resume state)
-with ``fcntl.flock`` on a file under ``{results_dir}/.locks/``. The OS releases the lock when the
+Each stage declares what it writes (``artifacts()`` in its module; ``scd_pipeline.stages.artifacts``
+finds it by command name). Before touching anything, a stage locks each artifact it writes (its
+outputs and its resume state) with ``fcntl.flock`` on a file under ``{results_dir}/.locks/``. The OS releases the lock when the
 process ends, however it ends, so a killed run never leaves a stale lock behind. A second writer of
 the same artifact stops at once with one line naming the running one (pid and command), and
 touches nothing. With the locks held, the stage removes temporaries that killed writers of the same
@@ -30,7 +31,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from scd_pipeline.config import task_dir
 from scd_pipeline.errors import ConfigError, ScdError
 
 LOCK_DIR = ".locks"
@@ -51,65 +51,11 @@ class Artifact:
     resume_state: bool = False  # a .state/ folder: only its top-level temporaries are removed
 
 
-def _plain_name(name: str, option: str) -> str:
+def plain_name(name: str, option: str) -> str:
+    """``name`` when it is a plain folder name; a one-line ConfigError naming ``option`` otherwise."""
     if not name or any(c in name for c in "/\\") or name.startswith("."):
         raise ConfigError(f"{option} {name!r}: must be a plain folder name (no '/', not starting with '.')")
     return name
-
-
-def stage_artifacts(command: str, config: dict, *, role: str | None = None,
-                    checkpoint: int | None = None, name: str | None = None,
-                    synthetic: bool = False) -> list[Artifact]:
-    """What ``scd-pipeline COMMAND`` writes (docs/ARTIFACTS.md), for its lock and its cleanup.
-
-    ``role`` for prepare-model and sft, ``checkpoint`` for cache-logits, ``name`` (the output name
-    after defaults) for distill and evaluate.
-    """
-    root = task_dir(config)
-    if command == "prepare-model":
-        model = Path(config["results_dir"]) / "models" / f"{role}_base"
-        return [Artifact(model, (model,))]
-    if command == "prepare-data":
-        return [Artifact(root / "data", (root / "data",))]
-    if command == "sft":
-        from scd_pipeline.sft import sft_paths
-
-        paths = sft_paths(config, role)
-        return [Artifact(paths.output, (paths.output,)), Artifact(paths.state, (paths.state,), resume_state=True)]
-    if command == "cache-logits":
-        logits = root / "logits" / ("synthetic" if synthetic else "")
-        cache = logits / f"ckpt-{checkpoint}.parquet"
-        return [Artifact(cache, (cache, logits / f"ckpt-{checkpoint}.meta.json",
-                                 logits / f"cache-logits.ckpt-{checkpoint}.config.yaml"))]
-    if command == "estimate-subdomains":
-        stem = "subdomains-synthetic" if synthetic else "subdomains"
-        return [Artifact(root / f"{stem}.parquet",
-                         (root / f"{stem}.parquet", root / f"{stem}.json",
-                          root / f"estimate-{stem}.config.yaml"))]
-    if command == "ioa-plan":
-        folder = root / "ioa"
-        return [Artifact(folder / "plan.json", (folder / "plan.json", folder / "val_scores.parquet",
-                                                folder / "ioa-plan.config.yaml"))]
-    if command == "synthesize":
-        folder = root / "ioa"
-        return [Artifact(root / "data" / "synthetic.parquet",
-                         (root / "data" / "synthetic.parquet", folder / "synthesis.json",
-                          folder / "synthesize.config.yaml")),
-                Artifact(root / ".state" / "synthesize", (root / ".state" / "synthesize",), resume_state=True)]
-    if command == "distill":
-        from scd_pipeline.distill import distill_paths
-
-        paths = distill_paths(config, name or "")
-        return [Artifact(paths.output, (paths.output,)), Artifact(paths.state, (paths.state,), resume_state=True)]
-    if command == "evaluate":
-        name = _plain_name(name or "", "--name")
-        metrics = root / "eval" / f"{name}.json"
-        return [Artifact(metrics, (metrics, root / "eval" / f"{name}.predictions.parquet"))]
-    if command == "report":
-        return [Artifact(root / "report.md",
-                         tuple(root / part for part in ("report.md", "report.html", "summary.csv",
-                                                        "sfs_tfs.csv", "plots", "report.config.yaml")))]
-    raise ValueError(f"no artifacts known for command {command!r}")
 
 
 def is_lock_holder_rank() -> bool:
@@ -217,10 +163,9 @@ def remove_stale_temporaries(artifact: Artifact) -> None:
 
 
 @contextlib.contextmanager
-def stage_lock(command: str, config: dict, **ids) -> Iterator[list[Artifact]]:
-    """Hold the exclusive locks of what ``command`` writes (see ``stage_artifacts``) for the block,
+def stage_lock(config: dict, artifacts: list[Artifact]) -> Iterator[list[Artifact]]:
+    """Hold the exclusive locks of ``artifacts`` (what a stage declares it writes) for the block,
     after removing stale temporaries; raise LockHeld naming the holder if another process has one."""
-    artifacts = stage_artifacts(command, config, **ids)
     if not is_lock_holder_rank():
         yield artifacts
         return

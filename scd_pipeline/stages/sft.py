@@ -23,16 +23,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from scd_pipeline.batching import read_split
-from scd_pipeline.checkpoints import write_checkpoints
-from scd_pipeline.config import task_dir, write_effective_config
-from scd_pipeline.errors import DataError
-from scd_pipeline.io import atomic_dir, json_safe, sha256_file, sha256_text
-from scd_pipeline.metrics import kappa_weights, primary_metric
-from scd_pipeline.models import load_model
-from scd_pipeline.scoring import choice_categories, predict_split, split_kind, summarise
-from scd_pipeline.tokenization import check_data_tokenizer
-from scd_pipeline.training import (
+from scd_pipeline.engine.batching import read_split
+from scd_pipeline.engine.checkpoints import write_checkpoints
+from scd_pipeline.engine.config import task_dir, write_effective_config
+from scd_pipeline.engine.io import atomic_dir, json_safe, sha256_file, sha256_text
+from scd_pipeline.engine.locking import Artifact
+from scd_pipeline.engine.models import load_model
+from scd_pipeline.engine.scoring import choice_categories, predict_split, split_kind, summarise
+from scd_pipeline.engine.tokenization import check_data_tokenizer
+from scd_pipeline.engine.training import (
     LOG_FILE,
     LoopContext,
     LoopSettings,
@@ -47,6 +46,8 @@ from scd_pipeline.training import (
     run_training,
     seed_everything,
 )
+from scd_pipeline.errors import DataError
+from scd_pipeline.math.metrics import kappa_weights, primary_metric
 
 OUTPUT_NAMES = {"teacher": "teacher", "student": "student_sft"}
 
@@ -221,3 +222,9 @@ def run_sft(config: dict, role: str, after_step: Callable[[StepResult], None] | 
     run_training(recipe, accelerator, model, tokenizer, train, settings, paths.state,
                  run_fingerprint(config, role, paths, accelerator.num_processes), after_step)
     return paths.output
+
+
+def artifacts(config: dict, *, role: str) -> list[Artifact]:
+    """What ``sft --role ROLE`` writes: its output folder, and its resume state."""
+    paths = sft_paths(config, role)
+    return [Artifact(paths.output, (paths.output,)), Artifact(paths.state, (paths.state,), resume_state=True)]

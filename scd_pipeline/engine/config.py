@@ -13,12 +13,12 @@ from typing import Any
 import jsonschema
 import yaml
 
+from scd_pipeline.engine.io import atomic_path
 from scd_pipeline.errors import ConfigError
-from scd_pipeline.io import atomic_path
 
 # Shipped inside the package (in a checkout these are links to the repository's config.yaml and
 # workflow/schemas/config.schema.yaml, the files Snakemake reads; a wheel holds their content).
-DEFAULTS_DIR = Path(__file__).parent / "defaults"
+DEFAULTS_DIR = Path(__file__).parents[1] / "defaults"
 DEFAULT_CONFIG = DEFAULTS_DIR / "config.yaml"
 SCHEMA_PATH = DEFAULTS_DIR / "config.schema.yaml"
 
@@ -102,7 +102,7 @@ def validate_config(config: dict) -> dict:
     in place (:func:`coerce_types`), so Snakemake's nested ``--config`` values validate. Method
     strings in ``distill.methods`` are checked by the one method parser.
     """
-    from scd_pipeline.methods import parse_method
+    from scd_pipeline.engine.methods import parse_method
 
     schema = load_schema()
     coerce_types(config, schema, schema)

@@ -29,8 +29,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from scd_pipeline import worklog
-from scd_pipeline.batching import (
+from scd_pipeline.engine import worklog
+from scd_pipeline.engine.batching import (
     Batch,
     completion_logits,
     completion_token_counts,
@@ -39,7 +39,7 @@ from scd_pipeline.batching import (
     per_sample_sum,
 )
 from scd_pipeline.errors import DataError
-from scd_pipeline.metrics import (
+from scd_pipeline.math.metrics import (
     choice_metrics,
     exact_f1_document,
     list_metrics,

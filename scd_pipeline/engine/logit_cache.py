@@ -2,7 +2,7 @@
 
 ``results/{task}/logits/ckpt-{k}.parquet`` holds, for every sample of the cached split, one teacher
 checkpoint's sparse distribution at each completion position (teacher-forced over prompt + gold
-completion; the LM head runs only at completion positions, see :mod:`scd_pipeline.batching`):
+completion; the LM head runs only at completion positions, see :mod:`scd_pipeline.engine.batching`):
 
 - per token: the top-k ids (``uint16`` when the vocabulary fits, else ``int32``), their
   log-probabilities at the cache temperature (fp16 by default, fp32, or int8 codes) and the log of
@@ -37,13 +37,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from scd_pipeline.checkpoints import checkpoint_entry, read_checkpoints
-from scd_pipeline.config import task_dir
+from scd_pipeline.engine.checkpoints import checkpoint_entry, read_checkpoints
+from scd_pipeline.engine.config import task_dir
+from scd_pipeline.engine.io import read_json, sha256_file, write_json
+from scd_pipeline.engine.scoring import SAMPLE_METRIC, ScoredBatch, score_batches
+from scd_pipeline.engine.tokenization import tokenizer_fingerprint
 from scd_pipeline.errors import ConfigError, DataError, ModelError
-from scd_pipeline.io import read_json, sha256_file, write_json
-from scd_pipeline.losses import SparseTarget
-from scd_pipeline.scoring import SAMPLE_METRIC, ScoredBatch, score_batches
-from scd_pipeline.tokenization import tokenizer_fingerprint
+from scd_pipeline.math.losses import SparseTarget
 
 CACHE_FORMAT = "scd-teacher-logits"
 FORMAT_VERSION = 3               # 3: per-sample score (the task metric) replaces the argmax "correct"
@@ -242,7 +242,7 @@ def write_logit_cache(model, tokenizer, frame: pd.DataFrame, out_path: str | Pat
     """
     import pyarrow.parquet as pq
 
-    from scd_pipeline.io import atomic_path
+    from scd_pipeline.engine.io import atomic_path
 
     out_path = Path(out_path)
     vocab_size = int(model.get_output_embeddings().weight.shape[0])
@@ -548,7 +548,7 @@ def open_cache(path: str | Path, *, dataset_fingerprint: str | None = None, spli
     """Open a cache after checking it is whole and serves what the caller expects.
 
     Every expectation left as None is not checked. ``tokenizer`` is a
-    :func:`~scd_pipeline.tokenization.tokenizer_fingerprint`. Refusals are one-line DataErrors
+    :func:`~scd_pipeline.engine.tokenization.tokenizer_fingerprint`. Refusals are one-line DataErrors
     naming the file and the field: missing sidecar, truncated/corrupt Parquet, a sidecar that
     disagrees with the file's own identity (edited, or of another write), column types other than
     the declared ones, other dataset, split, tokenizer, checkpoint (weights hash) or temperature.

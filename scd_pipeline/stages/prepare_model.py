@@ -10,7 +10,7 @@ model.safetensors, generation_config.json, tokenizer files) plus ``model_manifes
 - ``tiny:llama``: a tiny random Llama with the byte-level tokenizer (tests, smoke runs);
 - ``teacher_base`` (student only): the prepared teacher directory.
 
-Downstream stages open prepared models with :func:`load_model`.
+Downstream stages open prepared models with ``scd_pipeline.engine.models.load_model``.
 """
 
 from __future__ import annotations
@@ -23,10 +23,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from scd_pipeline.config import write_effective_config
+from scd_pipeline.engine.config import write_effective_config
+from scd_pipeline.engine.io import atomic_dir, read_json, sha256_file, write_json
+from scd_pipeline.engine.locking import Artifact
+from scd_pipeline.engine.models import check_model_dir, first_line, from_pretrained, model_dir
+from scd_pipeline.engine.tokenization import (
+    check_same_tokenizer,
+    load_tokenizer,
+    tokenizer_fingerprint,
+)
 from scd_pipeline.errors import ModelError
-from scd_pipeline.io import atomic_dir, read_json, sha256_file, write_json
-from scd_pipeline.tokenization import check_same_tokenizer, load_tokenizer, tokenizer_fingerprint
 
 ROLES = ("teacher", "student")
 TINY_SOURCE = "tiny:llama"
@@ -55,115 +61,9 @@ EMBEDDED_MODELS = {
 }
 
 
-# --------------------------------------------------------------------------- paths
-
-
-def model_dir(config: dict, role: str) -> Path:
-    """Where ``prepare-model --role {role}`` writes: ``{results_dir}/models/{role}_base``."""
-    return Path(config["results_dir"]) / "models" / f"{role}_base"
-
-
 def cache_root() -> Path:
     """User cache for converted models: ``$SCD_CACHE_DIR``, default ``~/.cache/scd-pipeline``."""
     return Path(os.environ.get("SCD_CACHE_DIR") or Path.home() / ".cache" / "scd-pipeline")
-
-
-# --------------------------------------------------------------------------- loading
-
-
-def _torch_dtype(dtype: str, device: str):
-    import torch
-
-    if dtype == "auto":
-        if device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in names:
-        raise ModelError(f"dtype {dtype!r}: expected auto, float32, bfloat16 or float16")
-    return names[dtype]
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{exc.__class__.__name__}: {text.splitlines()[0]}" if text else exc.__class__.__name__
-
-
-def _check_model_dir(path: Path) -> None:
-    if not path.exists():
-        raise ModelError(f"model directory {path}: not found (pass a directory written by prepare-model, "
-                         "sft or distill)")
-    if not path.is_dir():
-        raise ModelError(f"model directory {path}: is a file; pass the directory that holds config.json")
-    if not (path / "config.json").is_file():
-        raise ModelError(f"model directory {path}: not a Hugging Face model directory (no config.json)")
-
-
-def _from_pretrained(source: str, dtype: Any = "auto", **kwargs: Any):
-    """``AutoModelForCausalLM.from_pretrained`` with a one-line ModelError instead of a traceback."""
-    from transformers import AutoModelForCausalLM
-
-    try:
-        return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
-    except Exception as exc:  # transformers raises OSError, ValueError, KeyError... here
-        raise ModelError(f"model {source}: cannot be loaded ({_first_line(exc)})") from exc
-
-
-def is_model_dir(path: str | Path) -> bool:
-    """A directory :func:`load_model` opens: a Hugging Face model or a LoRA adapter (``sft.mode: lora``)."""
-    path = Path(path)
-    return (path / "config.json").is_file() or (path / "adapter_config.json").is_file()
-
-
-def _has_tokenizer(path: Path) -> bool:
-    return (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file()
-
-
-def adapter_base_path(adapter_dir: str | Path) -> Path:
-    """The base model directory recorded in a LoRA adapter's ``adapter_config.json``.
-
-    The recorded path is tried as written (relative to the working directory, as sft saves it)
-    and then relative to the adapter directory.
-    """
-    adapter_dir = Path(adapter_dir)
-    config_file = adapter_dir / "adapter_config.json"
-    recorded = read_json(config_file).get("base_model_name_or_path")
-    if not recorded:
-        raise ModelError(f"{config_file}: no base_model_name_or_path; cannot tell which base model "
-                         "the adapter belongs to")
-    for candidate in (Path(recorded), adapter_dir / recorded):
-        if candidate.is_dir():
-            return candidate
-    raise ModelError(f"{config_file}: base model {recorded} not found (run from the directory the "
-                     "adapter was trained in, or fix base_model_name_or_path)")
-
-
-def load_model(path: str | Path, dtype: str = "auto", device: str | None = None):
-    """Open any model directory the pipeline writes; return ``(model, tokenizer)`` in eval mode.
-
-    A LoRA adapter directory (``adapter_config.json``, as ``sft.mode: lora`` writes) is merged
-    into the base it records, so every stage gets a plain causal LM. ``dtype="auto"`` is bfloat16
-    on a CUDA device that supports it, float32 otherwise (fastest on CPU); ``device`` defaults to
-    CUDA when available.
-    """
-    import torch
-
-    path = Path(path)
-    if path.is_dir() and (path / "adapter_config.json").is_file():
-        from peft import PeftModel
-
-        model, tokenizer = load_model(adapter_base_path(path), dtype=dtype, device=device)
-        model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
-        if _has_tokenizer(path):
-            tokenizer = load_tokenizer(path)
-        return model.eval(), tokenizer
-    _check_model_dir(path)
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = _from_pretrained(str(path), dtype=_torch_dtype(dtype, device))
-    tokenizer = load_tokenizer(path)
-    return model.to(device).eval(), tokenizer
 
 
 def _ensure_pad_token(tokenizer) -> None:
@@ -178,18 +78,18 @@ def load_local_or_hub(source: str) -> tuple[Any, Any, dict]:
 
     path = Path(source).expanduser()
     if path.exists():
-        _check_model_dir(path)
+        check_model_dir(path)
         detail = {"kind": "local", "path": str(path.resolve())}
         source = str(path)
     else:
         detail = {"kind": "hub", "id": source}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
-        model = _from_pretrained(source, local_files_only=True)
+        model = from_pretrained(source, local_files_only=True)
     except ModelError as exc:
         raise _not_local(source, detail, exc) from exc
     except Exception as exc:  # tokenizer loading raises many types
-        raise _not_local(source, detail, ModelError(_first_line(exc))) from exc
+        raise _not_local(source, detail, ModelError(first_line(exc))) from exc
     _ensure_pad_token(tokenizer)
     return model, tokenizer, detail
 
@@ -205,7 +105,7 @@ def _not_local(source: str, detail: dict, exc: Exception) -> ModelError:
 
 def load_tiny(config: dict) -> tuple[Any, Any, dict]:
     """``tiny:llama``: a random tiny Llama shaped by config ``models.tiny``."""
-    from scd_pipeline.tiny import byte_level_tokenizer, tiny_llama
+    from scd_pipeline.engine.tiny import byte_level_tokenizer, tiny_llama
 
     shape = dict(config["models"].get("tiny") or {})
     tokenizer = byte_level_tokenizer()
@@ -218,7 +118,7 @@ def load_teacher_base(config: dict) -> tuple[Any, Any, dict]:
     if not (teacher / MANIFEST_NAME).is_file():
         raise ModelError(f"student source teacher_base: {teacher} has not been prepared; run "
                          "`scd-pipeline prepare-model --role teacher` first")
-    model = _from_pretrained(str(teacher))
+    model = from_pretrained(str(teacher))
     tokenizer = load_tokenizer(teacher)
     teacher_manifest = read_json(teacher / MANIFEST_NAME)
     detail = {"kind": "teacher_base", "path": str(teacher.resolve()),
@@ -257,7 +157,7 @@ def load_gguf(gguf_path: Path) -> tuple[Any, Any]:
         model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     except Exception as exc:
-        raise ModelError(f"GGUF file {gguf_path}: cannot be loaded ({_first_line(exc)})") from exc
+        raise ModelError(f"GGUF file {gguf_path}: cannot be loaded ({first_line(exc)})") from exc
     return model.eval(), tokenizer
 
 
@@ -277,7 +177,7 @@ def dequantized_copy(gguf_model):
         plain.load_state_dict(gguf_model.state_dict(), strict=True)
     except RuntimeError as exc:
         raise ModelError(f"GGUF conversion: weights do not match a fresh {type(plain).__name__} "
-                         f"({_first_line(exc)})") from exc
+                         f"({first_line(exc)})") from exc
     plain.generation_config = copy.deepcopy(gguf_model.generation_config)
     return plain.eval()
 
@@ -322,7 +222,7 @@ def convert_embedded(source: str) -> Path:
 def load_embedded(source: str) -> tuple[Any, Any, dict]:
     """``embedded:...``: the converted copy from the user cache (converted on first use)."""
     cached = convert_embedded(source)
-    model = _from_pretrained(str(cached), dtype="auto")
+    model = from_pretrained(str(cached), dtype="auto")
     tokenizer = load_tokenizer(cached)
     record = read_json(cached / CONVERSION_RECORD)
     detail = {"kind": "embedded", "package": record["package"], "gguf_sha256": record["gguf_sha256"],
@@ -484,3 +384,12 @@ def prepare_model(config: dict, role: str) -> Path:
         write_json(tmp / MANIFEST_NAME, manifest)
         write_effective_config(config, tmp, "prepare-model")
     return out
+
+
+def artifacts(config: dict, *, role: str) -> list[Artifact]:
+    """What ``prepare-model --role ROLE`` writes: the model folder."""
+    model = model_dir(config, role)
+    return [Artifact(model, (model,))]
+
+
+

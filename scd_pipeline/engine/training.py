@@ -39,10 +39,15 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from scd_pipeline import worklog
-from scd_pipeline.batching import Batch, completion_logits, frame_batch, length_grouped_batches
+from scd_pipeline.engine import worklog
+from scd_pipeline.engine.batching import (
+    Batch,
+    completion_logits,
+    frame_batch,
+    length_grouped_batches,
+)
+from scd_pipeline.engine.io import read_json, write_json
 from scd_pipeline.errors import ConfigError, DataError
-from scd_pipeline.io import read_json, write_json
 
 RESUME_DIR_NAME = "latest"
 PROGRESS_FILE = "progress.json"
@@ -472,7 +477,7 @@ def run_training(recipe: Recipe, accelerator, model: torch.nn.Module, tokenizer,
     """
     from tqdm.auto import tqdm
 
-    from scd_pipeline.weighting import step_share
+    from scd_pipeline.math.weighting import step_share
 
     processes, process = accelerator.num_processes, accelerator.process_index
     micro_per_step = settings.grad_accum * processes

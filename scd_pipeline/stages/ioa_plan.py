@@ -24,25 +24,29 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from scd_pipeline.batching import read_split
-from scd_pipeline.checkpoints import checkpoint_entry, read_checkpoints
-from scd_pipeline.config import task_dir, write_effective_config
-from scd_pipeline.curriculum import (
-    EASIER,
-    HARDER,
+from scd_pipeline.engine.batching import read_split
+from scd_pipeline.engine.checkpoints import checkpoint_entry, read_checkpoints
+from scd_pipeline.engine.config import task_dir, write_effective_config
+from scd_pipeline.engine.curriculum_files import (
     PLAN_FILE,
     VAL_SCORES_FILE,
+    ioa_dir,
+    validation_rows,
+)
+from scd_pipeline.engine.io import atomic_path, sha256_file, write_json
+from scd_pipeline.engine.locking import Artifact
+from scd_pipeline.errors import DataError, ModelError
+from scd_pipeline.math.curriculum import (
+    EASIER,
+    HARDER,
     PlannedModule,
     assign_modules,
     identify,
-    ioa_dir,
     organize,
     piece_name,
     row_members,
     zpd_report,
 )
-from scd_pipeline.errors import DataError, ModelError
-from scd_pipeline.io import atomic_path, sha256_file, write_json
 
 DEPENDENCY_NOTE = ("0 for every module at plan time: IOA measures dependency from student states "
                    "(P_S of module j when module i is mastered vs not), and none exist before "
@@ -111,26 +115,18 @@ def build_plan(train: pd.DataFrame, train_nll: np.ndarray, val: pd.DataFrame, se
 
 
 def _val_predictions(model_dir: Path, frame: pd.DataFrame, config: dict, where: str) -> pd.DataFrame:
-    from scd_pipeline.models import load_model
-    from scd_pipeline.scoring import predict_split
+    from scd_pipeline.engine.models import load_model
+    from scd_pipeline.engine.scoring import predict_split
 
     model, tokenizer = load_model(model_dir)
     return predict_split(model, tokenizer, frame, config["evaluate"]["batch_size"],
                          config["evaluate"]["max_new_tokens"], where=where, progress=True)
 
 
-def validation_rows(config: dict) -> tuple[Path, pd.DataFrame]:
-    """The validation split (its first ``ioa.val_max_samples`` rows when set)."""
-    path = task_dir(config) / "data" / "val.parquet"
-    frame = read_split(path)
-    cap = config["ioa"]["val_max_samples"]
-    return path, (frame.iloc[:cap].reset_index(drop=True) if cap else frame)
-
-
 def plan_curriculum(config: dict) -> dict:
     """The stage: write ``ioa/plan.json`` and ``ioa/val_scores.parquet``; return the plan."""
-    from scd_pipeline.logit_cache import open_task_cache
-    from scd_pipeline.models import is_model_dir
+    from scd_pipeline.engine.logit_cache import open_task_cache
+    from scd_pipeline.engine.models import is_model_dir
 
     root = task_dir(config)
     checkpoints = read_checkpoints(root / "teacher")
@@ -160,3 +156,10 @@ def plan_curriculum(config: dict) -> dict:
     write_json(out / PLAN_FILE, plan)
     write_effective_config(config, out, "ioa-plan")
     return {**plan, "paths": [str(out / PLAN_FILE), str(out / VAL_SCORES_FILE)]}
+
+
+def artifacts(config: dict) -> list[Artifact]:
+    """What ``ioa-plan`` writes: the plan, the validation scores and the config."""
+    folder = ioa_dir(config)
+    return [Artifact(folder / PLAN_FILE, (folder / PLAN_FILE, folder / VAL_SCORES_FILE,
+                                          folder / "ioa-plan.config.yaml"))]

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from scd_pipeline.losses import SparseTarget
+from scd_pipeline.math.losses import SparseTarget
 
 CACHE_KL_DEFINITION = ("token-level forward KL(a || b) between the caches' renormalised uniform-tail "
                        "reconstructions at temperature 1 (schedules.cache_kl), mean over all completion "

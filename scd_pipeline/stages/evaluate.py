@@ -1,6 +1,6 @@
 """Task evaluation: ``scd-pipeline evaluate --model PATH`` -> ``eval/{name}.json`` + predictions.
 
-Scoring is :mod:`scd_pipeline.scoring`'s one path (choice tasks rank the option letters by their
+Scoring is :mod:`scd_pipeline.engine.scoring`'s one path (choice tasks rank the option letters by their
 log-probability at the first completion position; list tasks generate greedily and parse a list),
 the same that validates SFT checkpoints and scores the teacher caches and the SFS/TFS split.
 
@@ -13,20 +13,21 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from scd_pipeline.batching import read_split
-from scd_pipeline.config import task_dir
-from scd_pipeline.io import atomic_path, json_safe, write_json
-from scd_pipeline.metrics import kappa_weights
-from scd_pipeline.models import load_model
-from scd_pipeline.naming import default_eval_name
-from scd_pipeline.scoring import (
+from scd_pipeline.engine.batching import read_split
+from scd_pipeline.engine.config import task_dir
+from scd_pipeline.engine.io import atomic_path, json_safe, write_json
+from scd_pipeline.engine.locking import Artifact, plain_name
+from scd_pipeline.engine.models import load_model
+from scd_pipeline.engine.naming import default_eval_name
+from scd_pipeline.engine.scoring import (
     SAMPLE_METRIC,
     choice_categories,
     predict_split,
     split_kind,
     summarise,
 )
-from scd_pipeline.tokenization import check_data_tokenizer
+from scd_pipeline.engine.tokenization import check_data_tokenizer
+from scd_pipeline.math.metrics import kappa_weights
 
 PREDICTION_COLUMNS = ["sample_id", "tag", "gold", "prediction", "gold_logprob", "gold_tokens", "score"]
 
@@ -69,3 +70,10 @@ def evaluate(config: dict, model_path: str | Path, split: str | None = None,
     out_file = out_dir / f"{name}.json"
     write_json(out_file, json_safe(report))
     return out_file
+
+
+def artifacts(config: dict, *, name: str) -> list[Artifact]:
+    """What ``evaluate --name NAME`` writes: the metrics and the predictions."""
+    name = plain_name(name, "--name")
+    metrics = task_dir(config) / "eval" / f"{name}.json"
+    return [Artifact(metrics, (metrics, task_dir(config) / "eval" / f"{name}.predictions.parquet"))]

@@ -32,12 +32,9 @@ import re
 import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-PLAN_FILE = "plan.json"
-VAL_SCORES_FILE = "val_scores.parquet"
 STRATA_NAMES = ("introductory", "intermediate", "advanced")
 EASIER, HARDER = "easier", "harder"
 ADVANCE, REMEDIAL, ADVANCE_UNMASTERED = "advance", "remedial", "advance_unmastered"
@@ -338,22 +335,3 @@ def row_members(plan: Mapping, tags: Sequence[str], nll: Sequence[float]) -> lis
         modules = [str(t) for t in tags]
     split = {m: float(v) for m, v in plan["split_nll"].items()}
     return [member_of(m, v, split) for m, v in zip(modules, nll, strict=True)]
-
-
-def ioa_dir(config: Mapping) -> Path:
-    """``{results_dir}/{task}/ioa``: the plan, its validation scores, the synthesis summary."""
-    from scd_pipeline.config import task_dir
-
-    return task_dir(config) / "ioa"
-
-
-def read_plan(config: Mapping) -> dict:
-    """``ioa/plan.json``, with a one-line error naming the command that writes it."""
-    import json
-
-    from scd_pipeline.errors import DataError
-
-    path = ioa_dir(config) / PLAN_FILE
-    if not path.is_file():
-        raise DataError(f"{path}: not found; the curriculum reads it (run `scd-pipeline ioa-plan` first)")
-    return json.loads(path.read_text(encoding="utf-8"))

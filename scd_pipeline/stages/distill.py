@@ -1,7 +1,7 @@
 """Distillation from cached teacher logits: ``scd-pipeline distill --method M`` (SPEC 4.1-4.4).
 
-Every method is a :class:`DistillRecipe` of the one training loop (:mod:`scd_pipeline.training`);
-what differs between methods (:mod:`scd_pipeline.methods`) is three small decisions:
+Every method is a :class:`DistillRecipe` of the one training loop (:mod:`scd_pipeline.engine.training`);
+what differs between methods (:mod:`scd_pipeline.engine.methods`) is three small decisions:
 
 - which teacher checkpoint a phase distils from: T* (TD, TAID), checkpoint k in phase k (CD), or,
   for SCD, c* = argmin_c KL(T* || c) + KL(S_k || c) chosen at each phase start;
@@ -51,40 +51,22 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from scd_pipeline.batching import Batch, read_split
-from scd_pipeline.checkpoints import checkpoint_indices, read_checkpoints
-from scd_pipeline.config import task_dir, write_effective_config
-from scd_pipeline.curriculum import (
-    ADVANCE,
-    REMEDIAL,
+from scd_pipeline.engine.batching import Batch, read_split
+from scd_pipeline.engine.checkpoints import checkpoint_indices, read_checkpoints
+from scd_pipeline.engine.config import task_dir, write_effective_config
+from scd_pipeline.engine.curriculum_files import (
     VAL_SCORES_FILE,
-    dependency_strength,
     ioa_dir,
-    mastered,
-    mastery_decision,
-    mastery_ratio,
-    member_of,
     read_plan,
-    replay_count,
-    row_members,
+    validation_rows,
 )
-from scd_pipeline.errors import ConfigError, DataError, ModelError
-from scd_pipeline.io import atomic_dir, read_json, sha256_file, sha256_text, write_json
-from scd_pipeline.logit_cache import CacheUnion, LogitCache, cache_path, open_task_cache
-from scd_pipeline.losses import SparseTarget, Taid, get_divergence, per_sample_mean
-from scd_pipeline.methods import Method, default_name, parse_method
-from scd_pipeline.models import is_model_dir
-from scd_pipeline.schedules import (
-    CACHE_KL_DEFINITION,
-    STUDENT_KL_DEFINITION,
-    cd_schedule,
-    mean_token_kl,
-    scd_choose,
-    student_cache_kl,
-    td_schedule,
-)
-from scd_pipeline.scoring import PassRule, forward_batches, pass_rates, predict_split
-from scd_pipeline.training import (
+from scd_pipeline.engine.io import atomic_dir, read_json, sha256_file, sha256_text, write_json
+from scd_pipeline.engine.locking import Artifact
+from scd_pipeline.engine.logit_cache import CacheUnion, LogitCache, cache_path, open_task_cache
+from scd_pipeline.engine.methods import Method, default_name, parse_method
+from scd_pipeline.engine.models import is_model_dir
+from scd_pipeline.engine.scoring import PassRule, forward_batches, pass_rates, predict_split
+from scd_pipeline.engine.training import (
     LOG_FILE,
     LoopContext,
     LoopSettings,
@@ -98,7 +80,29 @@ from scd_pipeline.training import (
     run_training,
     seed_everything,
 )
-from scd_pipeline.weighting import combine, paced_weight
+from scd_pipeline.errors import ConfigError, DataError, ModelError
+from scd_pipeline.math.curriculum import (
+    ADVANCE,
+    REMEDIAL,
+    dependency_strength,
+    mastered,
+    mastery_decision,
+    mastery_ratio,
+    member_of,
+    replay_count,
+    row_members,
+)
+from scd_pipeline.math.losses import SparseTarget, Taid, get_divergence, per_sample_mean
+from scd_pipeline.math.schedules import (
+    CACHE_KL_DEFINITION,
+    STUDENT_KL_DEFINITION,
+    cd_schedule,
+    mean_token_kl,
+    scd_choose,
+    student_cache_kl,
+    td_schedule,
+)
+from scd_pipeline.math.weighting import combine, paced_weight
 
 SCHEDULE_FILE = "schedule.json"
 CURRICULUM_FILE = "curriculum.json"
@@ -484,7 +488,7 @@ class CurriculumData:
 
 
 class CurriculumRecipe(DistillRecipe):
-    """IOA's curriculum over any schedule and weighting (SPEC 4.6, :mod:`scd_pipeline.curriculum`).
+    """IOA's curriculum over any schedule and weighting (SPEC 4.6, :mod:`scd_pipeline.math.curriculum`).
 
     Each phase is one *pass* over a stage: the first pass trains on the stage's units (training
     rows and their ``standard`` synthetic items, plus the previous stage's ``bridging`` items); a
@@ -611,8 +615,6 @@ def read_curriculum_data(config: dict, train: pd.DataFrame, synthetic: pd.DataFr
     ``best_stats``: T*'s per-sample cache stats (``sample_id``, ``nll_mean``) over the training
     and synthetic rows, which place rows of a split module in its easier or harder half.
     """
-    from scd_pipeline.ioa import validation_rows
-
     plan = read_plan(config)
     nll = best_stats.set_index("sample_id")["nll_mean"]
     split = {m: float(v) for m, v in plan["split_nll"].items()}
@@ -673,8 +675,8 @@ def run_distill(config: dict, method: str, weighting: str | None = None, name: s
 
     ``after_step(result)`` is called after each optimizer step (and its resume state, if due).
     """
-    from scd_pipeline.models import load_model
-    from scd_pipeline.tokenization import check_data_tokenizer, load_tokenizer
+    from scd_pipeline.engine.models import load_model
+    from scd_pipeline.engine.tokenization import check_data_tokenizer, load_tokenizer
 
     settings = config["distill"]
     spec = parse_method(method, weighting)
@@ -730,3 +732,9 @@ def run_distill(config: dict, method: str, weighting: str | None = None, name: s
     loop = dataclasses.replace(loop, restart_each_phase=recipe.lr_schedule == "per_phase")
     run_training(recipe, accelerator, model, tokenizer, frame, loop, paths.state, fingerprint, after_step)
     return paths.output
+
+
+def artifacts(config: dict, *, name: str) -> list[Artifact]:
+    """What ``distill --name NAME`` writes: the student folder, and its resume state."""
+    paths = distill_paths(config, name)
+    return [Artifact(paths.output, (paths.output,)), Artifact(paths.state, (paths.state,), resume_state=True)]

@@ -1,8 +1,8 @@
 """The evidence behind the report's numbers, read from ``eval/{name}.predictions.parquet``.
 
 Every evaluated model (one prediction file per replicate seed) becomes per-row arrays on the test
-rows (:class:`scd_pipeline.stats.SampleScores`, rows in one fixed order), and one seeded paired
-bootstrap (:class:`scd_pipeline.stats.PairedBootstrap`) gives, for every model, every metric's
+rows (:class:`scd_pipeline.math.stats.SampleScores`, rows in one fixed order), and one seeded paired
+bootstrap (:class:`scd_pipeline.math.stats.PairedBootstrap`) gives, for every model, every metric's
 interval, every difference to the reference models (T*, the SFT student, TD), per-tag
 intervals, the SFS/TFS outcome and how many test rows / seeds a target difference needs.
 
@@ -30,8 +30,8 @@ import numpy as np
 import pandas as pd
 
 from scd_pipeline.errors import DataError
-from scd_pipeline.metrics import partial_f1_document
-from scd_pipeline.stats import (
+from scd_pipeline.math.metrics import partial_f1_document
+from scd_pipeline.math.stats import (
     OUTCOME_PARTS,
     Interval,
     MetricEvidence,
@@ -79,7 +79,7 @@ def _row_scores(frame: pd.DataFrame, kind: str) -> np.ndarray:
         return frame["score"].to_numpy(np.float64)
     if kind == "choice":
         return (frame["gold"].astype(str) == frame["prediction"].astype(str)).to_numpy(np.float64)
-    from scd_pipeline.metrics import exact_f1_document
+    from scd_pipeline.math.metrics import exact_f1_document
 
     return np.array([exact_f1_document(json.loads(g), json.loads(p))
                      for g, p in zip(frame["gold"], frame["prediction"], strict=True)], dtype=np.float64)

@@ -5,7 +5,7 @@ Paired bootstrap: resample b draws n test rows with replacement, the same rows f
 (``PairedBootstrap.counts[b, i]`` = how often row i is drawn), so a difference between two models
 is resampled row by row and the rows both get right or wrong cancel out. A metric that is a mean
 over rows (accuracy, exact / partial F1, NLL) is ``counts @ per_row / n``; kappa and macro-F1 are
-recomputed from each resample's confusion matrix (vectorised, equal to :mod:`scd_pipeline.metrics`
+recomputed from each resample's confusion matrix (vectorised, equal to :mod:`scd_pipeline.math.metrics`
 on the same rows). Intervals are percentile intervals of the resampled values; a difference is
 *resolved* when its interval excludes 0.
 

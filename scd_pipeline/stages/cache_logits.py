@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from scd_pipeline.batching import read_split
-from scd_pipeline.checkpoints import checkpoint_entry, read_checkpoints
-from scd_pipeline.config import task_dir, write_effective_config
-from scd_pipeline.logit_cache import (
+from scd_pipeline.engine.batching import read_split
+from scd_pipeline.engine.checkpoints import checkpoint_entry, read_checkpoints
+from scd_pipeline.engine.config import task_dir, write_effective_config
+from scd_pipeline.engine.locking import Artifact
+from scd_pipeline.engine.logit_cache import (
     SYNTHETIC,
     cache_path,
     checkpoint_identity,
     dataset_fingerprint_for,
     write_logit_cache,
 )
-from scd_pipeline.tokenization import check_data_tokenizer, tokenizer_fingerprint
+from scd_pipeline.engine.tokenization import check_data_tokenizer, tokenizer_fingerprint
 
 
 def cache_logits(config: dict, checkpoint: int, synthetic: bool = False) -> dict:
@@ -22,7 +23,7 @@ def cache_logits(config: dict, checkpoint: int, synthetic: bool = False) -> dict
     Writes ``{task_dir}/logits/ckpt-{k}.parquet`` (``logits/synthetic/ckpt-{k}.parquet``) +
     ``.meta.json`` and the effective config; returns the sidecar record plus ``path``.
     """
-    from scd_pipeline.models import load_model
+    from scd_pipeline.engine.models import load_model
 
     settings = config["cache"]
     root = task_dir(config)
@@ -44,3 +45,11 @@ def cache_logits(config: dict, checkpoint: int, synthetic: bool = False) -> dict
                              max_new_tokens=config["evaluate"]["max_new_tokens"])
     write_effective_config(config, out.parent, f"cache-logits.ckpt-{checkpoint}")
     return {**meta, "path": str(out)}
+
+
+def artifacts(config: dict, *, checkpoint: int, synthetic: bool = False) -> list[Artifact]:
+    """What ``cache-logits --checkpoint K [--synthetic]`` writes: the cache, its metadata and config."""
+    logits = task_dir(config) / "logits" / ("synthetic" if synthetic else "")
+    cache = logits / f"ckpt-{checkpoint}.parquet"
+    return [Artifact(cache, (cache, logits / f"ckpt-{checkpoint}.meta.json",
+                             logits / f"cache-logits.ckpt-{checkpoint}.config.yaml"))]

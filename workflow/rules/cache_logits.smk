@@ -1,6 +1,5 @@
-# Stage: one teacher-logit cache per checkpoint (fans out over jobs / nodes), then SFS/TFS.
-
-CACHES = expand(TASK_DIR + "/logits/ckpt-{k}.parquet", k=CHECKPOINTS)
+# Stage: one teacher-logit cache per checkpoint (fans out over jobs / nodes); with a curriculum
+# method, the same for IOA's teacher-written items.
 
 
 rule cache_logits:
@@ -30,27 +29,31 @@ rule cache_logits:
         "--task {params.task} --config {CONFIG_FILE} > {log} 2>&1"
 
 
-rule estimate_subdomains:
+rule cache_logits_synthetic:
     input:
-        CACHES,
-        TASK_DIR + "/student_sft",
-        TASK_DIR + "/teacher/checkpoints.json",
+        SYNTHETIC,
+        DATA_FILES,
+        index=TASK_DIR + "/teacher/checkpoints.json",
+        checkpoint=TASK_DIR + "/teacher/ckpt-{k}",
     output:
-        table=TASK_DIR + "/subdomains.parquet",
-        summary=TASK_DIR + "/subdomains.json",
+        cache=TASK_DIR + "/logits/synthetic/ckpt-{k}.parquet",
+        meta=TASK_DIR + "/logits/synthetic/ckpt-{k}.meta.json",
+    wildcard_constraints:
+        k=r"\d+",
     params:
         task=TASK,
-        settings=settings("subdomains", "cache"),
+        settings=settings("cache"),
     conda:
         CONDA_ENV
     log:
-        TASK_DIR + "/logs/estimate_subdomains.log",
+        TASK_DIR + "/logs/cache_logits_synthetic_{k}.log",
     benchmark:
-        TASK_DIR + "/benchmarks/estimate_subdomains.tsv"
+        TASK_DIR + "/benchmarks/cache_logits_synthetic_{k}.tsv"
     threads: JOB_THREADS
     resources:
         mem_mb=8000,
         runtime=60,
         gpu=GPUS_ONE,
     shell:
-        "OMP_NUM_THREADS={threads} {SCD} estimate-subdomains --task {params.task} --config {CONFIG_FILE} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} {SCD} cache-logits --synthetic --checkpoint {wildcards.k} "
+        "--task {params.task} --config {CONFIG_FILE} > {log} 2>&1"

@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from scd_pipeline.engine.io import read_json, write_json
 from scd_pipeline.errors import ConfigError, DataError
-from scd_pipeline.io import read_json, write_json
 
 FILE_NAME = "checkpoints.json"
 
