@@ -43,7 +43,7 @@ from scd_pipeline.engine.logit_cache import open_cache, write_logit_cache
 from scd_pipeline.engine.training import CompletionLM, build_optimizer, per_sample_mean_nll
 from scd_pipeline.math.losses import SparseTarget
 from scd_pipeline.math.weighting import step_share
-from scd_pipeline.stages.distill import divergence_for, sample_losses
+from scd_pipeline.stages.distill.objective import divergence_for, sample_losses
 
 
 def parse_args() -> argparse.Namespace:

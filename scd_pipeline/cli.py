@@ -539,7 +539,9 @@ def distill_command(
                            **{"distill.phases": phases, "distill.epochs_per_phase": epochs_per_phase,
                               "distill.init": init, "distill.divergence": divergence,
                               "distill.kd_weight": kd_weight, "distill.lr": lr, "distill.batch_size": batch_size})
-        from scd_pipeline.stages.distill import SCHEDULE_FILE, default_name, run_distill
+        from scd_pipeline.engine.methods import default_name
+        from scd_pipeline.stages.distill import run_distill
+        from scd_pipeline.stages.distill.inputs import SCHEDULE_FILE
 
         weighting_name = weighting.value if weighting else None
         with _lock("distill", cfg, name=name or default_name(method, weighting_name)):

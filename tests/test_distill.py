@@ -29,12 +29,12 @@ from scd_pipeline.math.losses import SparseTarget
 from scd_pipeline.math.schedules import cache_kl, mean_token_kl, student_cache_kl
 from scd_pipeline.math.weighting import paced_weight, step_share, weighted_mean
 from scd_pipeline.stages import cache_logits as cache
-from scd_pipeline.stages.distill import (
+from scd_pipeline.stages.distill import run_distill
+from scd_pipeline.stages.distill.objective import (
     average_target,
     divergence_for,
     divergence_name_at,
     phase_count,
-    run_distill,
     sample_losses,
 )
 from scd_pipeline.stages.estimate_subdomains import estimate_subdomains, probe_sample_ids

@@ -17,7 +17,7 @@ import yaml
 
 from scd_pipeline.engine.config import load_config
 from scd_pipeline.errors import ConfigError
-from scd_pipeline.stages.distill import distill_paths
+from scd_pipeline.stages.distill.inputs import distill_paths
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")

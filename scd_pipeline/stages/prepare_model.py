@@ -392,4 +392,3 @@ def artifacts(config: dict, *, role: str) -> list[Artifact]:
     return [Artifact(model, (model,))]
 
 
-

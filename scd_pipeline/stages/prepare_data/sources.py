@@ -6,7 +6,6 @@ and ``custom`` files or a Hugging Face dataset (a ``save_to_disk`` folder, or a 
 the local cache). Bad input raises DataError naming file, row and column.
 """
 
-
 from __future__ import annotations
 
 import ast

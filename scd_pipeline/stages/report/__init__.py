@@ -34,7 +34,6 @@ Every difference is ``row - reference`` (T*, the SFT student, TD); it is marked 
 only when its ``report.confidence`` interval excludes 0.
 """
 
-
 from __future__ import annotations
 
 import math
@@ -119,7 +118,6 @@ def build_report(config: dict) -> ReportResult:
 # --- the paper's Table 1 across tasks -------------------------------------------------------------
 
 
-
 @dataclass
 class MultitaskResult:
     markdown: Path
@@ -136,8 +134,6 @@ def parse_tasks(text: str) -> list[str]:
     if len(set(tasks)) != len(tasks):
         raise ConfigError(f"--tasks {text!r}: a task is named twice")
     return tasks
-
-
 
 
 def build_multitask_report(config: dict, tasks: Sequence[str]) -> MultitaskResult:

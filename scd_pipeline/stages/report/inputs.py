@@ -1,7 +1,6 @@
 """What the report reads: which evaluations are which row, and the other artifacts of a run
 (checkpoints, schedules, subdomains, the IOA plan and curriculum), gathered into ``ReportInputs``."""
 
-
 from __future__ import annotations
 
 import math

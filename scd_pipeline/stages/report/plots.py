@@ -1,7 +1,6 @@
 """The report's plots (matplotlib Figure on an Agg canvas: no global pyplot state), and which
 of them a run has the inputs for."""
 
-
 from __future__ import annotations
 
 import math
@@ -150,8 +149,6 @@ def plot_aw_histogram(weights: pd.Series, sfs: pd.Series, best_index: int, path:
     axis.legend(fontsize=8)
     axis.set_title(f"Adaptive weight against T* (aw_ckpt_{best_index}), n={len(weights)}")
     figure.savefig(path, format="png")
-
-
 
 
 def plot_results(points: Sequence[dict], references: Sequence[dict], metric_label: str,

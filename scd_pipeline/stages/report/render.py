@@ -1,7 +1,6 @@
 """The report as a document: blocks (paragraphs, tables, images) rendered to Markdown and to
 self-contained HTML (PNGs embedded as base64, inline CSS)."""
 
-
 from __future__ import annotations
 
 import base64
@@ -18,11 +17,9 @@ from scd_pipeline.math.stats import Interval
 RESOLVED_MARK = "*"
 
 
-
 def as_float(value: Any) -> float:
     """A metric as float; None (undefined, written as null by evaluate) becomes NaN."""
     return float("nan") if value is None else float(value)
-
 
 
 # --- the document: blocks rendered to Markdown and HTML -------------------------------------------

@@ -1,6 +1,5 @@
 """The report's sections: each turns ``ReportInputs`` into blocks of the document."""
 
-
 from __future__ import annotations
 
 import math

@@ -1,7 +1,6 @@
 """What the report computes from the evaluations: the results frame, the best student, per-tag
 scores, and the paper's Table 1 across tasks."""
 
-
 from __future__ import annotations
 
 import math
@@ -27,7 +26,6 @@ STUDENT_ROLES = ("sft", "distilled")
 PAPER_ORDER = ("td", "taid", "cd", "scd", "scd_aw")  # distilled rows in the paper's Table 1 order
 
 
-
 def table1_key(row: ModelRow) -> str | None:
     """The Table 1 row a report row belongs to: teacher, sft or the distilled method string."""
     if row.role in ("teacher", "sft"):
@@ -35,9 +33,7 @@ def table1_key(row: ModelRow) -> str | None:
     return row.method if row.role == "distilled" else None
 
 
-
 # --- the results table ---------------------------------------------------------------------------
-
 
 
 def results_frame(rows: Sequence[ModelRow], metrics: Sequence[str], primary: str,
