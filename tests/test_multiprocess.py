@@ -161,3 +161,77 @@ def test_a_two_process_run_killed_mid_way_resumes_to_the_same_weights(task, two_
     output = launch(task, *args)
     assert "resuming at step" in output
     assert max_difference(task / "results" / "demo" / "students" / "scd_aw-killed", two_process_scd_aw) <= TOLERANCE
+
+
+# --- resume saves under two processes -----------------------------------------------------------
+
+# Runs `scd-pipeline` with two delays: RANK0 seconds at the end of SftRecipe.after_step on rank 0
+# (the step in which rank 0 alone writes a checkpoint, just before the ranks decide whether a resume
+# save is due), and OTHERS seconds before every other rank writes its part (RNG state) into the
+# resume save's folder.
+SLOWED = """
+import os, sys, time
+import accelerate.accelerator
+from scd_pipeline.stages import sft
+rank0, others = float(sys.argv.pop(1)), float(sys.argv.pop(1))
+after_step, save_part = sft.SftRecipe.after_step, accelerate.accelerator.save_accelerator_state
+def slow_after_step(self, ctx, result):
+    record = after_step(self, ctx, result)
+    if ctx.accelerator.is_main_process:
+        time.sleep(rank0)
+    return record
+def slow_save_part(*args, **kwargs):  # the folder exists: this process writes its RNG state into it
+    if os.environ.get("RANK", "0") != "0":
+        time.sleep(others)
+    return save_part(*args, **kwargs)
+sft.SftRecipe.after_step = slow_after_step
+accelerate.accelerator.save_accelerator_state = slow_save_part
+from scd_pipeline.cli import main
+main()
+"""
+SAVES = {"sft.batch_size": 2, "sft.teacher.n_checkpoints": 4, "sft.teacher.epochs": 3}  # 24 steps
+
+
+def launch_slowed(workdir: Path, rank0: float, others: float, *args: str, timeout: float = 240) -> str:
+    """Two processes running SLOWED; a run still going after ``timeout`` s is killed and fails."""
+    script = workdir / "slowed.py"
+    script.write_text(SLOWED)
+    command = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29518",
+               str(script), str(rank0), str(others), *args, "--config", "tiny.yaml"]
+    process = subprocess.Popen(command, cwd=workdir, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        launcher = psutil.Process(process.pid)
+        for member in [launcher, *launcher.children(recursive=True)]:
+            member.send_signal(signal.SIGKILL)
+        output, _ = process.communicate()
+        pytest.fail(f"two-process SFT still running after {timeout} s (ranks waiting on each other):\n{output[-3000:]}")
+    assert process.returncode == 0, output[-3000:]
+    return output
+
+
+@pytest.fixture(scope="module")
+def never_saved(task, tmp_path_factory) -> Path:
+    """The two-process teacher SFT whose resume state is never due (every 5 minutes)."""
+    workdir = copy_task(task, tmp_path_factory.mktemp("never-saved"))
+    sets = [f"--set={key}={value}" for key, value in {**SAVES, "sft.resume_every_minutes": 5}.items()]
+    launch_slowed(workdir, 0.0, 0.0, "sft", "--role", "teacher", "--grad-accum", "1", *sets)
+    return workdir / "results" / "demo" / "teacher"
+
+
+@pytest.mark.parametrize(("every_minutes", "rank0", "others"),
+                         [(0.01, 0.0, 0.0), (0.0, 0.0, 0.0), (0.01, 0.5, 0.0), (0.0, 0.0, 0.5)],
+                         ids=["clock", "every-step", "clock-rank0-slow-step", "every-step-rank1-slow-save"])
+def test_two_process_resume_saves_neither_hang_nor_change_the_weights(task, tmp_path, never_saved,
+                                                                        every_minutes, rank0, others):
+    """Every rank takes rank 0's decision to save, and no rank renames the resume state while
+    another still writes into it: the run ends, with the weights of a run that never saved."""
+    workdir = copy_task(task, tmp_path / "run")
+    sets = [f"--set={key}={value}" for key, value in {**SAVES, "sft.resume_every_minutes": every_minutes}.items()]
+    launch_slowed(workdir, rank0, others, "sft", "--role", "teacher", "--grad-accum", "1", *sets)
+    for k in (1, 2, 3, 4):
+        assert max_difference(workdir / "results" / "demo" / "teacher" / f"ckpt-{k}",
+                              never_saved / f"ckpt-{k}") <= TOLERANCE

@@ -219,8 +219,9 @@ def per_sample_mean_nll(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
 def save_resume_state(accelerator, state_dir: str | Path, progress: dict) -> Path:
     """Save model, optimizer, RNG (accelerate) and ``progress`` as the new resume point.
 
-    Every process writes into a temporary folder with a name they all know; the main process then
-    swaps it in for ``{state_dir}/latest``. A kill at any moment leaves either the old or the new
+    Every process writes into a temporary folder with a name they all know; once all have written,
+    the main process swaps it in for ``{state_dir}/latest``. A collective: every process calls it
+    at the same step (``decide_on_rank0`` makes that one decision). A kill at any moment leaves either the old or the new
     state complete (``load_resume_state`` also looks at the swap's ``.old`` copy).
     """
     state_dir = Path(state_dir)
@@ -231,6 +232,7 @@ def save_resume_state(accelerator, state_dir: str | Path, progress: dict) -> Pat
         staging.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(staging))
+    accelerator.wait_for_everyone()  # every process has written its part before the folder moves
     if accelerator.is_main_process:
         write_json(staging / PROGRESS_FILE, progress)
         old = state_dir / f".{RESUME_DIR_NAME}.old"
@@ -241,6 +243,20 @@ def save_resume_state(accelerator, state_dir: str | Path, progress: dict) -> Pat
         shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return latest
+
+
+def decide_on_rank0(accelerator, value: Any) -> Any:
+    """Rank 0's ``value`` on every process (a collective: call it on all of them, at the same point).
+
+    A decision taken per process from its own clock or its own floating-point result can differ
+    between processes (rank 0 alone writes checkpoints; reductions differ in their last bits), and a
+    decision that starts collectives on some processes only makes them wait on each other forever.
+    """
+    if accelerator.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value], from_process=0)[0]
 
 
 def find_resume_state(state_dir: str | Path) -> Path | None:
@@ -400,6 +416,10 @@ class LoopContext:
     def save_model(self, target: Path, state_dict: dict[str, Tensor]) -> None:
         """``save_pretrained`` of the model (or LoRA adapter) with a gathered ``state_dict``."""
         self.model.save_pretrained(str(target), state_dict=state_dict)
+
+    def decide_on_rank0(self, value: Any) -> Any:
+        """Rank 0's ``value`` on every process (see :func:`decide_on_rank0`)."""
+        return decide_on_rank0(self.accelerator, value)
 
     def no_grad(self, compute: Callable[[], Any]) -> Any:
         """Run ``compute`` on the model in eval mode (autocast, no grad), then back to train mode."""
@@ -594,7 +614,7 @@ def run_training(recipe: Recipe, accelerator, model: torch.nn.Module, tokenizer,
                                   **extra, "tokens_per_s": round(tokens_per_s, 1)})
             window, window_start = [], time.monotonic()
         final = recipe.total_steps is not None and progress["step"] == recipe.total_steps
-        if not final and time.monotonic() - last_save >= resume_every_s:
+        if not final and decide_on_rank0(accelerator, time.monotonic() - last_save >= resume_every_s):
             save_resume_state(accelerator, state_dir, progress)
             last_save = time.monotonic()
         if after_step is not None:

@@ -98,7 +98,7 @@ class CurriculumRecipe(DistillRecipe):
         """Score the pass that just ended and decide (the mastery gate)."""
         state = ctx.state["curriculum"]
         record = state["passes"][-1]
-        scores = self.gate_scores(ctx)
+        scores = ctx.decide_on_rank0(self.gate_scores(ctx))  # every process takes rank 0's gate
         units = record["units"]
         ratios = {u: mastery_ratio(self.curriculum.teacher_scores[u], scores[u]) for u in units}
         decision = mastery_decision(ratios, self.ioa["tau_mastery"], state["remedial"], self.ioa["max_remedial"])

@@ -90,7 +90,8 @@ class DistillRecipe(Recipe):
         kl_student = ctx.no_grad(lambda: student_to_checkpoint_kl(
             ctx.model, self.probe, self.caches, self.config["cache"]["batch_size"], ctx.tokenizer.pad_token_id))
         chosen, candidates = scd_choose(self.subdomains.kl_best_to_c, kl_student)
-        return {"checkpoint": chosen, "candidates": candidates}
+        # every process trains on rank 0's choice (a near tie may break differently elsewhere)
+        return ctx.decide_on_rank0({"checkpoint": chosen, "candidates": candidates})
 
     def epoch_start(self, ctx: LoopContext, phase: int, epoch: int) -> None:
         if self.method.paced:
@@ -101,7 +102,7 @@ class DistillRecipe(Recipe):
                             seed=self.config["seed"] * 1000 + phase * 100 + epoch)
             rates = ctx.no_grad(lambda: pass_rates(ctx.model, ctx.tokenizer, self.frame,
                                                    self.config["cache"]["batch_size"], rule))
-            ctx.state["pass_rates"] = rates.tolist()
+            ctx.state["pass_rates"] = ctx.decide_on_rank0(rates.tolist())  # one set of weights for all
 
     def sample_weights(self, ctx: LoopContext, rows: Sequence[int]) -> Tensor:
         weights = super().sample_weights(ctx, rows)
