@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import types
 
 import numpy as np
 import pandas as pd
@@ -30,6 +31,7 @@ from scd_pipeline.math.schedules import cache_kl, mean_token_kl, student_cache_k
 from scd_pipeline.math.weighting import paced_weight, step_share, weighted_mean
 from scd_pipeline.stages import cache_logits as cache
 from scd_pipeline.stages.distill import run_distill
+from scd_pipeline.stages.distill.inputs import check_cache_width
 from scd_pipeline.stages.distill.objective import (
     average_target,
     divergence_for,
@@ -458,3 +460,37 @@ def test_init_sft_starts_from_the_sft_student(distilled):
     assert set(start) == set(end)
     for key, value in start.items():
         torch.testing.assert_close(end[key], value)
+
+
+def pad_head(model_dir, rows: int) -> None:
+    """Give a saved model an LM head (and tied embedding) of ``rows`` rows, its tokenizer unchanged,
+    as Qwen2.5 pads its heads past the tokenizer (7B: 152,064 rows, 1.5B: 151,936, 151,665 ids)."""
+    model, tokenizer = load_model(model_dir, device="cpu")
+    model.resize_token_embeddings(rows)
+    save_model(model, tokenizer, model_dir)
+
+
+def test_teacher_and_student_heads_wider_than_their_tokenizer_distil_on_its_ids(distilled, tmp_path):
+    """Teacher heads of 264 rows, a student head of 261, one tokenizer of 259 ids: the caches score
+    the tokenizer's 259 ids, the student is trained and probed on the same 259, and a cache of
+    another width (written from a padded head by an earlier version) is refused in one line."""
+    root = tmp_path / "results"
+    shutil.copytree(distilled[0], root, copy_function=shutil.copy2,
+                    ignore=shutil.ignore_patterns("students", "logits", ".state"))
+    for index in (1, 2, 3):
+        pad_head(root / "demo" / "teacher" / f"ckpt-{index}", 264)
+    pad_head(root / "models" / "student_base", 261)
+    config = tiny_config(root, **{**DISTILL, "distill.phases": 2, "distill.epochs_per_phase": 0.5})
+    for index in (1, 2, 3):
+        meta = cache.cache_logits(config, index)
+        assert meta["vocab_size"] == 259
+    estimate_subdomains(config)
+    out = run_distill(config, "scd")  # the probe (KL to every checkpoint) and the loss, both widths
+    assert (out / "model.safetensors").is_file()
+    assert len(json.loads((out / "schedule.json").read_text())["phases"]) == 2
+
+    written_by_a_wider_head = types.SimpleNamespace(vocab_size=264, path=root / "demo" / "logits" / "ckpt-2.parquet",
+                                                    meta={"checkpoint": {"index": 2}})
+    with pytest.raises(DataError, match="ckpt-2.parquet: scores 264 ids but the tokenizer has 259; re-run "
+                                        "`scd-pipeline cache-logits --checkpoint 2`"):
+        check_cache_width(written_by_a_wider_head, 259)

@@ -17,6 +17,7 @@ from scd_pipeline.math.losses import (
     per_sample_mean,
     project_on_support,
     taid_divergence,
+    vocabulary_logits,
 )
 
 TEMPERATURES = (1.0, 2.0)
@@ -379,3 +380,14 @@ def test_taid_state_round_trips_through_json():
         assert resumed.update(loss, step, 2000) == first.update(loss, step, 2000)
     with pytest.raises(ValueError, match="lacks momentum"):
         Taid().load_state_dict({"t": 0.5, "prev_loss": None, "step": 1})
+
+
+def test_vocabulary_logits_keep_the_tokenizer_ids_of_a_padded_head():
+    logits = torch.arange(12.0).reshape(2, 6)  # a head of 6 rows, a tokenizer of 4 ids
+    kept = vocabulary_logits(logits, 4)
+    assert kept.tolist() == [[0.0, 1.0, 2.0, 3.0], [6.0, 7.0, 8.0, 9.0]]
+    # renormalised over the 4 ids: the padded rows take no probability
+    assert torch.allclose(torch.log_softmax(kept, -1).exp().sum(-1), torch.ones(2))
+    assert vocabulary_logits(logits, 6) is logits
+    with pytest.raises(ValueError, match="width 6 cannot score the vocabulary's 7 ids"):
+        vocabulary_logits(logits, 7)

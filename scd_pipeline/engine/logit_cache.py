@@ -43,7 +43,7 @@ from scd_pipeline.engine.io import read_json, sha256_file, write_json
 from scd_pipeline.engine.scoring import SAMPLE_METRIC, ScoredBatch, score_batches
 from scd_pipeline.engine.tokenization import tokenizer_fingerprint
 from scd_pipeline.errors import ConfigError, DataError, ModelError
-from scd_pipeline.math.losses import SparseTarget
+from scd_pipeline.math.losses import SparseTarget, vocabulary_logits
 
 CACHE_FORMAT = "scd-teacher-logits"
 FORMAT_VERSION = 3               # 3: per-sample score (the task metric) replaces the argmax "correct"
@@ -245,7 +245,11 @@ def write_logit_cache(model, tokenizer, frame: pd.DataFrame, out_path: str | Pat
     from scd_pipeline.engine.io import atomic_path
 
     out_path = Path(out_path)
-    vocab_size = int(model.get_output_embeddings().weight.shape[0])
+    vocab_size = len(tokenizer)  # the ids every model of this tokenizer scores; a head may be wider
+    head = int(model.get_output_embeddings().weight.shape[0])
+    if head < vocab_size:
+        raise ModelError(f"{out_path}: the model's head scores {head} ids but its tokenizer has {vocab_size}; "
+                         "cache a checkpoint saved with its own tokenizer")
     if not 1 <= top_k <= vocab_size:
         raise ConfigError(f"config key cache.top_k: {top_k} must be between 1 and the vocabulary size {vocab_size}")
     if dtype not in LOGPROB_DTYPES:
@@ -270,7 +274,7 @@ def write_logit_cache(model, tokenizer, frame: pd.DataFrame, out_path: str | Pat
     with atomic_path(out_path) as tmp:
         with pq.ParquetWriter(tmp, schema, **PARQUET_OPTIONS) as writer:
             for scored in score_batches(model, tokenizer, frame, batch_size, max_new_tokens, where=str(out_path)):
-                target = SparseTarget.from_logits(scored.logits, top_k, temperature)
+                target = SparseTarget.from_logits(vocabulary_logits(scored.logits, vocab_size), top_k, temperature)
                 pending += _split_samples(scored, sample_ids, target.ids.cpu().numpy().astype(id_dtype),
                                           encode_logprobs(target.logprobs.cpu().numpy(), dtype),
                                           target.tail_logmass.cpu().numpy().astype(np.float32))

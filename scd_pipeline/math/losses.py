@@ -160,6 +160,20 @@ def _at_least_fp32(values: Tensor) -> Tensor:
     return values if values.dtype in (torch.float32, torch.float64) else values.float()
 
 
+def vocabulary_logits(logits: Tensor, vocab_size: int) -> Tensor:
+    """The first ``vocab_size`` columns of logits (N, width): the scores of the tokenizer's ids.
+
+    A model's head may have more rows than its tokenizer has ids, padded for fast kernels
+    (Qwen2.5-7B: 152,064 rows, Qwen2.5-1.5B: 151,936, one tokenizer of 151,665 ids); those rows
+    are no token, and two models of one tokenizer are compared on its ids alone, each
+    distribution renormalised over them. A head narrower than ``vocab_size`` cannot score them all.
+    """
+    width = logits.shape[-1]
+    if width < vocab_size:
+        raise ValueError(f"logits of width {width} cannot score the vocabulary's {vocab_size} ids")
+    return logits if width == vocab_size else logits[..., :vocab_size]
+
+
 def _check_temperature(temperature: float) -> None:
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")

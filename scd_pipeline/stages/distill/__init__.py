@@ -55,11 +55,12 @@ from scd_pipeline.engine.training import (
     run_training,
     seed_everything,
 )
-from scd_pipeline.errors import ConfigError, DataError
+from scd_pipeline.errors import ConfigError, DataError, ModelError
 from scd_pipeline.stages.distill.curriculum import CurriculumRecipe, curriculum_inputs
 from scd_pipeline.stages.distill.inputs import (
     DistillPaths,
     check_cache_covers,
+    check_cache_width,
     distill_paths,
     read_subdomains,
     require_inputs,
@@ -133,6 +134,7 @@ def run_distill(config: dict, method: str, weighting: str | None = None, name: s
         inputs += files
     for cache in caches.values():
         check_cache_covers(cache, frame)
+        check_cache_width(cache, len(tokenizer))
     subdomains = None
     if spec.needs_subdomains:
         synthetic_caches = {k: c.caches[1] for k, c in caches.items()} if spec.curriculum else None
@@ -143,6 +145,10 @@ def run_distill(config: dict, method: str, weighting: str | None = None, name: s
     model, tokenizer = load_model(paths.init, dtype="float32", device="cpu")
     model.requires_grad_(True)  # every weight trains, also when init is a merged LoRA SFT student
     check_data_tokenizer(paths.data, tokenizer, paths.init)
+    head = int(model.get_output_embeddings().weight.shape[0])
+    if head < len(tokenizer):
+        raise ModelError(f"{paths.init}: the student's head scores {head} ids but its tokenizer has "
+                         f"{len(tokenizer)}; prepare the student from a model of this tokenizer")
     loop = LoopSettings.from_section(settings, settings["lr"], config["seed"])
     fingerprint = _fingerprint(config, spec, paths, caches, accelerator.num_processes, inputs)
     if spec.curriculum:

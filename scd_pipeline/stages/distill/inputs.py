@@ -114,6 +114,13 @@ def check_cache_covers(cache: LogitCache, frame: pd.DataFrame) -> None:
                         f"cache-logits --checkpoint {cache.meta['checkpoint']['index']}`")
 
 
+def check_cache_width(cache: LogitCache, vocab_size: int) -> None:
+    """The cache scores exactly the tokenizer's ids (a cache written from a padded head scores more)."""
+    if cache.vocab_size != vocab_size:
+        raise DataError(f"{cache.path}: scores {cache.vocab_size} ids but the tokenizer has {vocab_size}; "
+                        f"re-run `scd-pipeline cache-logits --checkpoint {cache.meta['checkpoint']['index']}`")
+
+
 @dataclass
 class Subdomains:
     """What distillation reads from ``estimate-subdomains``' artifacts."""

@@ -19,7 +19,13 @@ from scd_pipeline.engine.scoring import forward_batches
 from scd_pipeline.engine.training import (
     per_sample_mean_nll,
 )
-from scd_pipeline.math.losses import SparseTarget, Taid, get_divergence, per_sample_mean
+from scd_pipeline.math.losses import (
+    SparseTarget,
+    Taid,
+    get_divergence,
+    per_sample_mean,
+    vocabulary_logits,
+)
 from scd_pipeline.math.schedules import (
     cd_schedule,
     mean_token_kl,
@@ -69,7 +75,8 @@ def student_to_checkpoint_kl(model, probe: pd.DataFrame, caches: Mapping[int, Lo
         sample_ids = probe["sample_id"].to_numpy()[batch.index].tolist()
         lengths = torch.bincount(batch.token_sample, minlength=batch.num_samples).tolist()
         for index, cache in caches.items():
-            chunks[index].append(student_cache_kl(logits, cache.targets(sample_ids, lengths, logits.device)))
+            chunks[index].append(student_cache_kl(vocabulary_logits(logits, cache.vocab_size),
+                                                  cache.targets(sample_ids, lengths, logits.device)))
     return {index: mean_token_kl(values) for index, values in sorted(chunks.items())}
 
 
@@ -105,9 +112,11 @@ def sample_losses(student_logits: Tensor, batch: Batch, target: SparseTarget, kd
                   divergence: Callable[[Tensor, SparseTarget], Tensor], objective: str = "convex") -> LossTerms:
     """L = (1 - w) CE + w KD (``convex``) or CE + w KD (``additive``) per sample.
 
-    ``student_logits`` (N, V) at the batch's completion positions; ``divergence(logits, target)``
-    returns per-token values (temperature and options already bound, see :func:`divergence_for`).
+    ``student_logits`` (N, width >= V) at the batch's completion positions, scored on the
+    target's V ids (``losses.vocabulary_logits``); ``divergence(logits, target)`` returns per-token
+    values (temperature and options already bound, see :func:`divergence_for`).
     """
+    student_logits = vocabulary_logits(student_logits, target.vocab_size)
     ce = per_sample_mean_nll(student_logits, batch)
     kd = per_sample_mean(divergence(student_logits, target), batch.token_sample, batch.num_samples)
     return LossTerms(combine(ce, kd, kd_weight, objective), ce, kd)
@@ -116,6 +125,7 @@ def sample_losses(student_logits: Tensor, batch: Batch, target: SparseTarget, kd
 def taid_sample_losses(student_logits: Tensor, batch: Batch, target: SparseTarget, taid: Taid,
                        temperature: float = 1.0) -> LossTerms:
     """TAID: L = mean over the sample's tokens of KL(p_t || q); no CE term (CE kept for the log)."""
+    student_logits = vocabulary_logits(student_logits, target.vocab_size)
     kd = per_sample_mean(taid.loss(student_logits, target, temperature), batch.token_sample,
                          batch.num_samples)
     with torch.no_grad():
