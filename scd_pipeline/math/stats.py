@@ -266,6 +266,56 @@ def difference(bootstrap: PairedBootstrap, a: MetricEvidence, b: MetricEvidence)
     return bootstrap.interval(a.estimate - b.estimate, a.draws - b.draws)
 
 
+# --- deciding a difference: p-values and one confirmatory family ----------------------------------
+
+def exact_sign_test_p(wins: int, losses: int) -> float:
+    """Two-sided exact p of a split of discordant rows (McNemar's exact test: under "no
+    difference" each discordant row favours either model with probability 1/2), 2 P(X <= min)
+    for X ~ Binomial(wins + losses, 1/2), at most 1; 1 with no discordant row. A 4-0 split: 0.125."""
+    if wins < 0 or losses < 0:
+        raise ValueError(f"discordant counts must be >= 0, got {wins} and {losses}")
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(wins, losses) + 1)) / 2.0 ** n
+    return min(1.0, 2.0 * tail)
+
+
+def bootstrap_p_value(draws: np.ndarray) -> float:
+    """Two-sided percentile-bootstrap p of "the difference is 0": 2 min(share of draws <= 0, share
+    >= 0), at most 1 (NaN draws ignored; NaN with none). It is below 1 - confidence about when the
+    percentile interval excludes 0."""
+    draws = np.asarray(draws, dtype=np.float64)
+    finite = draws[~np.isnan(draws)]
+    if not len(finite):
+        return math.nan
+    return float(min(1.0, 2.0 * min(np.mean(finite <= 0), np.mean(finite >= 0))))
+
+
+def paired_p_value(a: SampleScores, b: SampleScores, metric: str, draws: np.ndarray) -> float:
+    """Two-sided p of "a - b = 0" in ``metric``. One seed each and 0/1 values per row (accuracy):
+    the exact test on the discordant rows (the percentile bootstrap calls a 4-0 split resolved,
+    whose exact p is 0.125). Otherwise the bootstrap p of the paired ``draws`` of a - b."""
+    if metric in a.per_row and metric in b.per_row and a.n_seeds == 1 and b.n_seeds == 1:
+        x, y = a.per_row[metric][:, 0], b.per_row[metric][:, 0]
+        if np.isin(x, (0.0, 1.0)).all() and np.isin(y, (0.0, 1.0)).all():
+            return exact_sign_test_p(int(np.sum((x == 1) & (y == 0))), int(np.sum((x == 0) & (y == 1))))
+    return bootstrap_p_value(draws)
+
+
+def holm_adjusted(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of a family of m p-values: the i-th smallest becomes
+    max over j <= i of min(1, (m - j + 1) p_(j)). Rejecting where the adjusted p < alpha keeps the
+    chance of any false rejection in the family at most alpha. NaN counts as 1."""
+    values = [1.0 if math.isnan(p) else float(p) for p in p_values]
+    adjusted = [1.0] * len(values)
+    running = 0.0
+    for rank, index in enumerate(sorted(range(len(values)), key=values.__getitem__)):
+        running = max(running, min(1.0, (len(values) - rank) * values[index]))
+        adjusted[index] = running
+    return adjusted
+
+
 # --- SFS / TFS outcome ---------------------------------------------------------------------------
 
 OUTCOME_PARTS = ("score_sfs", "score_tfs", "gap", "advantage_sfs", "deficit_tfs")

@@ -39,7 +39,9 @@ from scd_pipeline.math.stats import (
     SampleScores,
     bootstrap_seed,
     difference,
+    holm_adjusted,
     metric_evidence,
+    paired_p_value,
     paired_row_variance,
     required_replicates,
     required_test_size,
@@ -244,18 +246,43 @@ def comparisons(evidence: TaskEvidence) -> list[tuple[str, str, str]]:
     return pairs
 
 
-def differences_frame(evidence: TaskEvidence, metrics: Sequence[str]) -> pd.DataFrame:
-    """Long table: model key, reference, metric, estimate, low, high, resolved."""
+CONFIRMATORY_REFERENCES = ("sft", "td")  # the family: each distilled method vs these, primary metric
+DIFFERENCE_COLUMNS = ["key", "reference", "metric", "estimate", "low", "high", "p", "family", "p_adjusted",
+                      "resolved"]
+
+
+def differences_frame(evidence: TaskEvidence, metrics: Sequence[str], primary: str) -> pd.DataFrame:
+    """Long table: model key, reference, metric, estimate, interval, p, family, adjusted p, resolved.
+
+    One confirmatory family, named before the data are seen: the ``primary`` metric, every
+    distilled model against the SFT student and against TD. Its p-values
+    (:func:`stats.paired_p_value`: exact on the discordant rows for one-seed accuracy, else the
+    paired bootstrap's) are Holm-adjusted, and a difference is resolved when its adjusted p is
+    below 1 - confidence: the chance that any of them is called when nothing differs stays at most
+    that. Every other difference (other metrics, against T*, other models) is exploratory: resolved
+    on its own p, a screen for what to test next, not a finding.
+    """
+    alpha = 1.0 - evidence.bootstrap.confidence
     records = []
     for key, name, ref in comparisons(evidence):
         for metric in metrics:
-            interval = evidence.difference(key, ref, metric)
-            if interval is None:
+            a, b = evidence.metrics.get(key, {}).get(metric), evidence.metrics.get(ref, {}).get(metric)
+            if a is None or b is None:
                 continue
+            interval = difference(evidence.bootstrap, a, b)
+            p = paired_p_value(evidence.scores[key], evidence.scores[ref], metric, a.draws - b.draws)
+            confirmatory = (metric == primary and name in CONFIRMATORY_REFERENCES
+                            and evidence.models[key].role == "distilled")
             records.append({"key": key, "reference": name, "metric": metric, "estimate": interval.estimate,
-                            "low": interval.low, "high": interval.high, "resolved": interval.excludes_zero})
-    return pd.DataFrame.from_records(records, columns=["key", "reference", "metric", "estimate", "low",
-                                                       "high", "resolved"])
+                            "low": interval.low, "high": interval.high, "p": p,
+                            "family": "confirmatory" if confirmatory else "exploratory"})
+    frame = pd.DataFrame.from_records(records, columns=DIFFERENCE_COLUMNS[:-2])
+    frame["p_adjusted"] = frame["p"].astype(float)
+    family = frame["family"] == "confirmatory"
+    if family.any():
+        frame.loc[family, "p_adjusted"] = holm_adjusted(frame.loc[family, "p"].astype(float).tolist())
+    frame["resolved"] = (frame["p_adjusted"] < alpha).astype(bool)
+    return frame[DIFFERENCE_COLUMNS]
 
 
 # --- per tag -------------------------------------------------------------------------------------
@@ -341,7 +368,7 @@ def outcome_frame(evidence: TaskEvidence, seed: int) -> pd.DataFrame:
                                         "sfs_rows": int(sfs[mask].sum()), "tfs_rows": int((~sfs[mask]).sum()),
                                         "quantity": quantity, "part": part, "estimate": interval.estimate,
                                         "low": interval.low, "high": interval.high,
-                                        "resolved": interval.excludes_zero})
+                                        "resolved": None})  # descriptive: no part is tested
     return pd.DataFrame.from_records(records, columns=OUTCOME_COLUMNS)
 
 

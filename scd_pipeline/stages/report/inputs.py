@@ -463,7 +463,7 @@ def gather_inputs(config: dict, details: bool = True) -> ReportInputs:
         subdomain_table=subdomain_table, shares=sfs_shares(subdomain_summary, subdomain_table), evidence=evidence,
         curricula=curricula, ioa_plan=ioa_plan, synthesis=synthesis)
     if evidence is not None:
-        inputs.differences = differences_frame(evidence, metrics)
+        inputs.differences = differences_frame(evidence, metrics, primary)
         if details:
             inputs.tag_evidence = tag_intervals(evidence, inputs.tag_metric, config["seed"])
             inputs.outcomes = outcome_frame(evidence, config["seed"])

@@ -14,7 +14,15 @@ from typing import Any
 
 from scd_pipeline.math.stats import Interval
 
-RESOLVED_MARK = "*"
+RESOLVED_MARK = "*"     # resolved in the confirmatory family (Holm-adjusted)
+EXPLORATORY_MARK = "°"  # an exploratory difference whose own p is below 1 - confidence
+
+
+def difference_mark(record: dict) -> str:
+    """The mark of one row of ``evidence.differences_frame``."""
+    if not record.get("resolved"):
+        return ""
+    return RESOLVED_MARK if record.get("family") == "confirmatory" else EXPLORATORY_MARK
 
 
 def as_float(value: Any) -> float:
@@ -49,15 +57,15 @@ def fmt(value: Any, signed: bool = False) -> str:
     return str(value)
 
 
-def fmt_interval(interval: Interval | None, signed: bool = False, mark: bool = False) -> str:
-    """``0.800 [0.720, 0.870]``; signed ``+0.050 [+0.010, +0.090]*`` with ``mark`` when resolved."""
+def fmt_interval(interval: Interval | None, signed: bool = False, mark: str = "") -> str:
+    """``0.800 [0.720, 0.870]``; signed ``+0.050 [+0.010, +0.090]*`` with the decision's ``mark``."""
     if interval is None or math.isnan(interval.estimate):
         return "n/a"
     form = "{:+.3f}" if signed else "{:.3f}"
     if math.isnan(interval.low):
         return form.format(interval.estimate)
     text = f"{form.format(interval.estimate)} [{form.format(interval.low)}, {form.format(interval.high)}]"
-    return text + (RESOLVED_MARK if mark and interval.excludes_zero else "")
+    return text + mark
 
 
 def _markdown_table(table: Table) -> list[str]:

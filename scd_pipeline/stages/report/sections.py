@@ -34,11 +34,13 @@ from scd_pipeline.stages.report.inputs import (
     schedule_plot_name,
 )
 from scd_pipeline.stages.report.render import (
+    EXPLORATORY_MARK,
     RESOLVED_MARK,
     Block,
     Image,
     Table,
     as_float,
+    difference_mark,
     fmt,
     fmt_interval,
 )
@@ -86,38 +88,62 @@ def differences_tables(inputs: ReportInputs) -> list[Block]:
     for metric in inputs.metrics:
         part = deltas[deltas["metric"] == metric]
         keys = list(dict.fromkeys(part["key"]))
-        cells = {(r["key"], r["reference"]): Interval(r["estimate"], r["low"], r["high"])
+        cells = {(r["key"], r["reference"]): (Interval(r["estimate"], r["low"], r["high"]), difference_mark(r))
                  for r in part.to_dict("records")}
         blocks += [("h3", METRIC_LABELS[metric]), ("table", Table(
             ["Model", *[f"Δ vs {REFERENCE_LABELS[r]}" for r in references]],
-            [[labels.get(key, key), *[fmt_interval(cells.get((key, r)), signed=True, mark=True) if (key, r) in cells
+            [[labels.get(key, key), *[fmt_interval(cells[(key, r)][0], signed=True, mark=cells[(key, r)][1]) if (key, r) in cells
                                       else "—" for r in references]] for key in keys]))]
     return blocks
 
 
+def seeds_per_method(inputs: ReportInputs) -> int:
+    return max((len(r.seed_results) for r in inputs.rows if r.seed_names), default=1)
+
+
 def conclusion_sentence(inputs: ReportInputs) -> str:
-    """One sentence: which differences in the primary metric the table can call, and which not."""
+    """What the table can conclude: the confirmatory family's resolved differences (the primary
+    metric, each distilled method against the SFT student and TD, Holm-adjusted), how many
+    intervals the report shows in all, and, with one seed, that a difference is between two
+    trained checkpoints rather than two methods."""
     deltas = inputs.differences
     evidence = inputs.evidence
     if evidence is None or deltas.empty:
         return "The table cannot conclude anything about differences: no per-row predictions to bootstrap."
     labels = {row.eval_name: row.label for row in inputs.rows}
     metric = METRIC_LABELS[inputs.primary]
-    part = deltas[deltas["metric"] == inputs.primary]
-    seeds = max((len(r.seed_results) for r in inputs.rows if r.seed_names), default=1)
+    family = deltas[deltas["family"] == "confirmatory"]
+    explored = deltas[deltas["family"] == "exploratory"]
+    seeds = seeds_per_method(inputs)
+    alpha = 1.0 - evidence.bootstrap.confidence
     scope = (f"At n = {evidence.n} test rows and {seeds} seed{'s' if seeds > 1 else ''} per distilled "
              f"method, ")
-    level = f"{evidence.bootstrap.confidence:.0%}"
-    resolved = part[part["resolved"].astype(bool)]
-    if resolved.empty:
-        return (scope + f"none of the {len(part)} {metric} differences is resolved (every {level} "
-                "interval includes 0): the table cannot say that any model is better or worse than "
-                "another, only that each difference lies within its interval.")
-    called = [f"{labels.get(r['key'], r['key'])} {'above' if r['estimate'] > 0 else 'below'} "
-              f"{REFERENCE_LABELS[r['reference']]} ({r['estimate']:+.3f})" for r in resolved.to_dict("records")]
-    return (scope + f"the table can conclude only the {len(resolved)} of {len(part)} {metric} differences "
-            f"whose {level} interval excludes 0 (marked {RESOLVED_MARK}): {', '.join(called)}; it cannot "
-            "rank the other pairs, whose differences are within the sampling noise of this test set.")
+    if family.empty:
+        text = scope + (f"no difference is confirmatory (the family is {metric} of each distilled method "
+                        "against the SFT student and TD, and none was evaluated)")
+    else:
+        resolved = family[family["resolved"].astype(bool)]
+        if resolved.empty:
+            text = scope + (f"none of the {len(family)} confirmatory {metric} differences (each distilled method "
+                            f"against the SFT student and TD, Holm-adjusted p < {alpha:g}) is resolved: the "
+                            "table cannot say that any method is better or worse than these references")
+        else:
+            called = [f"{labels.get(r['key'], r['key'])} {'above' if r['estimate'] > 0 else 'below'} "
+                      f"{REFERENCE_LABELS[r['reference']]} ({r['estimate']:+.3f})"
+                      for r in resolved.to_dict("records")]
+            text = scope + (f"the table concludes {len(resolved)} of the {len(family)} confirmatory {metric} "
+                            f"differences (each distilled method against the SFT student and TD, Holm-adjusted "
+                            f"p < {alpha:g}, marked {RESOLVED_MARK}): {', '.join(called)}; it cannot rank the "
+                            "other pairs")
+    text += (f". The report shows {len(deltas)} difference intervals; the {len(explored)} outside that family are "
+             f"exploratory ({EXPLORATORY_MARK} where their own p < {alpha:g}: with nothing different, about "
+             f"{alpha * len(explored):.1f} of them would be marked by chance), as are the per-tag and SFS/TFS "
+             "tables.")
+    if seeds == 1:
+        text += (" With one training seed per method a difference compares two trained checkpoints, not "
+                 "two methods: the intervals leave out how much another seed would move each student "
+                 "(`replicates` > 1 puts it in).")
+    return text
 
 
 def resolution_text(found: Resolution | None) -> str:
@@ -167,7 +193,7 @@ def outcome_table(inputs: ReportInputs, partition: str, tag: str = "all") -> Tab
     for key, group in part.groupby("key", sort=False):
         cells = {r["part"]: Interval(r["estimate"], r["low"], r["high"]) for r in group.to_dict("records")}
         label, role = labels.get(key, (key, "other"))
-        signed = [fmt_interval(cells[p], signed=True, mark=True) if role != "teacher" else "—"
+        signed = [fmt_interval(cells[p], signed=True) if role != "teacher" else "—"
                   for p in ("gap", "advantage_sfs", "deficit_tfs")]
         rows.append([label, fmt_interval(cells["score_sfs"]), fmt_interval(cells["score_tfs"]), *signed])
     return Table(headers, rows)
@@ -185,7 +211,7 @@ def outcome_tag_table(inputs: ReportInputs, partition: str) -> Table:
         cells = {r["part"]: Interval(r["estimate"], r["low"], r["high"]) for r in group.to_dict("records")}
         first = group.iloc[0]
         rows.append([f"{tag} ({first['sfs_rows']} / {first['tfs_rows']})", label,
-                     *[fmt_interval(cells[p], signed=True, mark=True) for p in ("gap", "advantage_sfs", "deficit_tfs")]])
+                     *[fmt_interval(cells[p], signed=True) for p in ("gap", "advantage_sfs", "deficit_tfs")]])
     return Table(["Tag (SFS / TFS rows)", "Model", "Δ vs T*", "= SFS part", "+ TFS part"], rows)
 
 
@@ -285,15 +311,23 @@ def results_blocks(inputs: ReportInputs, drawn: set[str]) -> list[Block]:
     if RESULTS_PLOT in drawn:
         blocks.append(("image", Image(f"plots/{RESULTS_PLOT}", f"{METRIC_LABELS[inputs.primary]} with "
                                       "intervals; T* and the SFT student as reference lines")))
+    alpha = 1.0 - (inputs.evidence.bootstrap.confidence if inputs.evidence is not None else 0.95)
     blocks += [("p", "Teacher row: `eval/teacher-ckpt-{k}.json` with k = T*, the checkpoint with the "
-                     "best validation metric in `teacher/checkpoints.json`. Best student (bold, column "
-                     f"`best` in summary.csv): highest {METRIC_LABELS[inputs.primary]} among the SFT and "
-                     "distilled students, ties broken by the other metrics. NLL, sample counts, interval "
-                     "bounds and the spread over seeds are in `summary.csv`."),
+                     "best validation metric in `teacher/checkpoints.json`. \"(best)\" (bold, column "
+                     f"`best` in summary.csv): the highest test estimate of {METRIC_LABELS[inputs.primary]} "
+                     "among the SFT and distilled students, ties broken by the other metrics; it is picked on "
+                     "these same rows, so its estimate is biased upward and it is not a resolved ranking "
+                     "(the differences below are). NLL, sample counts, interval bounds and the spread over "
+                     "seeds are in `summary.csv`."),
                ("h2", "Differences"),
                ("p", "Row minus reference on the same resampled test rows (paired), for every metric: "
-                     f"T* (the teacher), the SFT student and TD. {RESOLVED_MARK} = resolved: the interval "
-                     "excludes 0. Bounds in `summary.csv` (`delta_{metric}_vs_{reference}`)."),
+                     f"T* (the teacher), the SFT student and TD. {RESOLVED_MARK} = resolved in the "
+                     f"confirmatory family ({METRIC_LABELS[inputs.primary]}, each distilled method against "
+                     f"the SFT student and TD; Holm-adjusted p < {alpha:g}); {EXPLORATORY_MARK} = an "
+                     f"exploratory difference with p < {alpha:g} on its own. p: for accuracy with one seed "
+                     "the exact test on the rows where exactly one of the two is right, otherwise the paired "
+                     "bootstrap's; an interval may exclude 0 with too few such rows to decide. Bounds, p and "
+                     "family in `summary.csv` (`delta_{metric}_vs_{reference}`)."),
                *differences_tables(inputs),
                ("h2", "Resolution"), ("p", resolution_text(inputs.resolution)),
                ("h2", f"Per-tag {label}")]
@@ -312,9 +346,12 @@ def outcome_blocks(inputs: ReportInputs) -> list[Block]:
     blocks.append(("p", f"Test rows split by the SFT student against T* (SPEC 4.2). Per model: its {score} "
                         "on student-favoured (SFS) and teacher-favoured (TFS) rows, and its difference to "
                         "T*, Δ = R(model) − R(T*) = SFS part + TFS part (each the mean over all rows of the "
-                        "per-row difference restricted to one side). The paper's claim: SCD shrinks the TFS "
-                        "deficit (a TFS part nearer 0 than TD's), AW keeps the SFS advantage. Every part "
-                        "per tag and the same split for the NLL are in `sfs_tfs.csv`."))
+                        "per-row difference restricted to one side). Descriptive only, and no part is tested "
+                        "against 0: the sides are drawn from T*'s and the SFT student's own outcomes on these "
+                        "rows, so the parts lean by construction (by correctness T* is wrong on every SFS row, "
+                        "so every model's SFS part is at least 0), and the split favours students whose errors "
+                        "resemble the SFT student's. Every part per tag and the same split for the NLL are in "
+                        "`sfs_tfs.csv`."))
     for partition, rule in PARTITIONS.items():
         part = inputs.outcomes[(inputs.outcomes["partition"] == partition) & (inputs.outcomes["tag"] == "all")]
         if part.empty:

@@ -12,6 +12,7 @@ import pandas as pd
 
 from scd_pipeline.engine.methods import method_label
 from scd_pipeline.stages.report.evidence import (
+    DIFFERENCE_COLUMNS,
     REFERENCES,
     TaskEvidence,
     differences_frame,
@@ -75,15 +76,16 @@ def results_frame(rows: Sequence[ModelRow], metrics: Sequence[str], primary: str
         reference = teacher[metric].iloc[0] if len(teacher) else float("nan")
         gap = frame[metric] - reference
         frame[f"gap_{metric}"] = gap.where(frame["role"] != "teacher")
-    deltas = differences_frame(evidence, metrics) if evidence else None
+    deltas = differences_frame(evidence, metrics, primary) if evidence else None
     for metric in metrics:
         for reference in REFERENCES:
             prefix = f"delta_{metric}_vs_{reference}"
             picked = (deltas[(deltas["metric"] == metric) & (deltas["reference"] == reference)].set_index("key")
-                      if deltas is not None else pd.DataFrame(columns=["estimate", "low", "high", "resolved"]))
-            for column, source in (("", "estimate"), ("_low", "low"), ("_high", "high"), ("_resolved", "resolved")):
+                      if deltas is not None else pd.DataFrame(columns=DIFFERENCE_COLUMNS))
+            for column, source in (("", "estimate"), ("_low", "low"), ("_high", "high"), ("_p", "p"),
+                                   ("_family", "family"), ("_p_adjusted", "p_adjusted"), ("_resolved", "resolved")):
                 frame[prefix + column] = [picked[source].get(key) if key in picked.index else
-                                          (None if source == "resolved" else math.nan)
+                                          (None if source in ("resolved", "family") else math.nan)
                                           for key in frame["eval_name"]]
     frame["best"] = best_student_mask(frame, [primary, *[m for m in metrics if m != primary]])
     return frame
