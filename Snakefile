@@ -62,3 +62,41 @@ else:
         default_target: True
         input:
             REPORT_FILES,
+
+
+def _conclusion(report_md: str) -> str:
+    """The report's sentence on what the comparison concludes (report.md, Results section)."""
+    for line in open(report_md, encoding="utf-8"):
+        if line.startswith(("At n = ", "The table cannot conclude")):
+            return line.strip()
+    return ""
+
+
+onsuccess:
+    results = config["results_dir"]
+    pages = ([f"{results}/{task}/report.md" for task in TASKS] + multitask_report_files(results, TASKS)[:1]
+             if TASKS else [f"{results}/{config['task']}/report.md"])
+    for page in pages:
+        if os.path.isfile(page):
+            print(f"\nscd-pipeline: report {page} (HTML beside it)")
+            sentence = _conclusion(page)
+            if sentence:
+                print(f"  {sentence}")
+
+
+def _last_line(path: str) -> str:
+    lines = [line.strip() for line in open(path, encoding="utf-8", errors="replace") if line.strip()]
+    return lines[-1] if lines else ""
+
+
+onerror:
+    import glob
+
+    results = config["results_dir"]
+    job_logs = sorted(glob.glob(f"{results}/**/logs/*.log", recursive=True), key=os.path.getmtime)
+    # A stage that fails ends its log with one `error: ...` line; another failure leaves a traceback.
+    failed = [path for path in job_logs if _last_line(path).startswith("error:")] or job_logs[-1:]
+    print("\nscd-pipeline: the run stopped because a job failed (its rule and error are listed above).")
+    for path in failed[-3:]:
+        print(f"  {path}: {_last_line(path)}")
+    print("  Fix the cause and run the same command again: finished jobs are kept.")

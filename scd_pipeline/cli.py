@@ -405,7 +405,8 @@ def report_command(
     try:
         cfg = build_config(config, set_, task=task, results_dir=str(results_dir) if results_dir else None,
                            **{"report.resamples": resamples})
-        from scd_pipeline.stages.report import build_multitask_report, build_report, parse_tasks
+        from scd_pipeline.stages.report import build_report
+        from scd_pipeline.stages.report.multitask import build_multitask_report, parse_tasks
 
         if tasks is not None:
             table = build_multitask_report(cfg, parse_tasks(tasks))

@@ -227,3 +227,35 @@ def test_killed_workflow_resumes_to_the_artifacts_of_an_uninterrupted_run(tiny_r
     differing = sorted(key for key in expected.keys() | got.keys() if expected.get(key) != got.get(key))
     assert not differing, f"differs from the uninterrupted run after {history}: {differing}"
     print("\n".join(history))
+
+
+# --- how a run ends ----------------------------------------------------------------------------------
+
+def test_a_run_ends_naming_its_report_and_conclusion_and_snakemakes_report_builds_as_written(tiny_reference):
+    workdir, _ = tiny_reference
+    log = (workdir / "run.log").read_text()
+    ending = log[log.rindex("scd-pipeline: report"):]
+    assert ending.startswith("scd-pipeline: report results/demo/report.md (HTML beside it)")
+    conclusion = next(line for line in (workdir / "results/demo/report.md").read_text().splitlines()
+                      if line.startswith("At n = "))
+    assert conclusion in ending
+    # README: `snakemake --report report.html` after a run, no --cores (it runs no job)
+    command = [c for c in snakemake(workdir) if c not in ("--cores", "2", "--max-threads", "1")]
+    built = subprocess.run([*command, "--report", "report.html"], capture_output=True, text=True, env=ENV,
+                           timeout=300)
+    assert built.returncode == 0, built.stderr[-3000:]
+    assert (workdir / "report.html").stat().st_size > 10_000
+
+
+def test_a_failed_run_ends_saying_what_failed_and_what_to_do(tmp_path):
+    config = tiny_workflow_config(tmp_path)
+    settings = yaml.safe_load(config.read_text())
+    settings.update(task="crade", data={**settings["data"], "jmed_root": str(tmp_path / "no-such-folder")})
+    config.write_text(yaml.safe_dump(settings))
+    run = subprocess.run(snakemake(tmp_path), capture_output=True, text=True, env=ENV, timeout=600)
+    assert run.returncode != 0
+    assert "Error in rule prepare_data" in run.stderr
+    ending = run.stdout[run.stdout.index("scd-pipeline: the run stopped because a job failed"):]
+    # the failed job's log and its one-line error
+    assert f"  results/crade/logs/prepare_data.log: error: {tmp_path / 'no-such-folder'}" in ending
+    assert ending.rstrip().endswith("Fix the cause and run the same command again: finished jobs are kept.")

@@ -5,6 +5,8 @@ import re
 import sys
 from pathlib import Path
 
+from snakemake.exceptions import WorkflowError
+
 from scd_pipeline.engine.config import validate_config
 
 validate_config(config)
@@ -23,7 +25,17 @@ CONDA_ENV = os.path.join(workflow.basedir, "envs", "scd-pipeline.yaml")
 # IOA's teacher-size jobs, alone on the critical path, take up to 4 (all of a small machine).
 # On a cluster (--jobs, e.g. the SLURM profile) every job is its own allocation: 4 threads each.
 # `--set-threads RULE=N` overrides either.
-JOB_THREADS = 4 if workflow.nodes else max(1, min(4, workflow.cores // 2))
+def _job_threads() -> int:
+    if workflow.nodes:
+        return 4
+    try:
+        cores = workflow.cores
+    except WorkflowError:  # no --cores: a command that runs no job (e.g. `snakemake --report`)
+        return 1
+    return max(1, min(4, cores // 2))
+
+
+JOB_THREADS = _job_threads()
 
 
 def _scd_command() -> str:

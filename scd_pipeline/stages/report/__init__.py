@@ -5,7 +5,7 @@ Reads only artifacts under ``results/{task}/`` and writes, beside them, ``report
 Markdown for a terminal), ``report.html`` (self-contained: PNGs embedded as base64, inline CSS),
 ``summary.csv`` (one row per model, with interval bounds), ``sfs_tfs.csv`` (the SFS/TFS outcome of
 every model, long format) and ``plots/*.png`` (matplotlib, Agg canvas). ``report --tasks a,b``
-writes the paper's Table 1 across tasks instead (:func:`build_multitask_report`).
+writes the paper's Table 1 across tasks instead (``multitask.py``).
 
 Which evaluation is which row (names as ``naming.default_eval_name`` derives them from a path):
 
@@ -36,31 +36,21 @@ only when its ``report.confidence`` interval excludes 0.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
 
-from scd_pipeline.engine.config import task_dir, validate_config, write_effective_config
+from scd_pipeline.engine.config import task_dir, write_effective_config
 from scd_pipeline.engine.io import atomic_dir, atomic_path
 from scd_pipeline.engine.locking import Artifact
-from scd_pipeline.engine.naming import multitask_dir
-from scd_pipeline.errors import ConfigError
-from scd_pipeline.math.stats import Interval
-from scd_pipeline.stages.report.inputs import METRIC_LABELS, ReportInputs, gather_inputs
+from scd_pipeline.stages.report.inputs import ReportInputs, gather_inputs
 from scd_pipeline.stages.report.plots import plan_plots
 from scd_pipeline.stages.report.render import (
-    Block,
-    Table,
-    fmt_interval,
     render_html,
     render_markdown,
 )
 from scd_pipeline.stages.report.sections import report_blocks
-from scd_pipeline.stages.report.tables import multitask_frame, table1_key
 
 
 @dataclass
@@ -116,76 +106,6 @@ def build_report(config: dict) -> ReportResult:
 
 
 # --- the paper's Table 1 across tasks -------------------------------------------------------------
-
-
-@dataclass
-class MultitaskResult:
-    markdown: Path
-    html: Path
-    summary_csv: Path
-    missing: list[str]
-
-
-def parse_tasks(text: str) -> list[str]:
-    """``demo,smdis`` -> ["demo", "smdis"]; a one-line ConfigError for an empty or repeated list."""
-    tasks = [part.strip() for part in text.split(",") if part.strip()]
-    if not tasks:
-        raise ConfigError(f"--tasks {text!r}: name at least one task, e.g. --tasks demo,smdis")
-    if len(set(tasks)) != len(tasks):
-        raise ConfigError(f"--tasks {text!r}: a task is named twice")
-    return tasks
-
-
-def build_multitask_report(config: dict, tasks: Sequence[str]) -> MultitaskResult:
-    """``report --tasks a,b``: the paper's Table 1 shape across tasks, written to
-    ``{results_dir}/tasks-a+b/report.md``, ``report.html`` and ``summary.csv``. Every task is read
-    with the same config (``task`` set to it); a task without results shows its rows as not run."""
-    tasks = list(tasks)
-    validate_config({**config, "tasks": tasks})  # unknown task names: one line naming the key
-    per_task = {task: gather_inputs({**config, "task": task}, details=False) for task in tasks}
-    frame, metrics = multitask_frame(per_task)
-    out = multitask_dir(config["results_dir"], tasks)
-    headers = ["Model", *[f"{task} ({METRIC_LABELS[metrics[task]]})" for task in tasks], "Average"]
-    rows, bold = [], set()
-    for i, record in enumerate(frame.to_dict("records")):
-        cells = []
-        for j, column in enumerate([*tasks, "average"], start=1):
-            cells.append(fmt_interval(Interval(record[column], record[f"{column}_low"], record[f"{column}_high"]))
-                         if not math.isnan(record[column]) else "not run")
-            if record[f"{column}_best"]:
-                bold.add((i, j))
-        rows.append([record["model"], *cells])
-    gaps = [(task, row.label, row.missing) for task, inputs in per_task.items()
-            for row in inputs.rows if row.missing and table1_key(row) is not None]
-    listed = {(task, label) for task, label, _ in gaps}
-    gaps += [(task, record["model"], "no evaluation of it under that task's results (it is not "
-                                      "in that task's distill.methods)")
-             for record in frame.to_dict("records") for task in tasks
-             if math.isnan(record[task]) and (task, record["model"]) not in listed]
-    missing = [f"{task}: {label}: {why}" for task, label, why in gaps]
-    replicated = {task: inputs.config.get("replicates", 1) for task, inputs in per_task.items()}
-    blocks: list[Block] = [
-        ("p", f"Main metric of every task (the metric its T* was chosen by) on its test split, generated "
-              f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} from `{config['results_dir']}`. "
-              f"Each cell is `estimate [low, high]`, a {config['report']['confidence']:.0%} paired-bootstrap "
-              "interval over that task's test rows; Average is the mean over the tasks, its interval "
-              "from the tasks' resamples averaged (tasks are independent samples). Bold: the best "
-              "student (SFT or distilled) of each column. Bounds, metric names and seed counts are in "
-              "`summary.csv`; each task's own report has the differences and their resolution."),
-        ("table", Table(headers, rows, bold_cells=bold)),
-        ("p", "Seeds per distilled method: " + ", ".join(f"{task} {n}" for task, n in replicated.items()) + "."),
-        ("h2", "What is missing"), ("list", missing) if missing else ("p", "Nothing: every row has results."),
-    ]
-    title = f"SCD pipeline: results across tasks ({', '.join(tasks)})"
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"md": out / "report.md", "html": out / "report.html", "csv": out / "summary.csv"}
-    with atomic_path(paths["csv"]) as tmp:
-        frame.to_csv(tmp, index=False)
-    with atomic_path(paths["html"]) as tmp:
-        tmp.write_text(render_html(title, blocks, out), encoding="utf-8")
-    with atomic_path(paths["md"]) as tmp:
-        tmp.write_text(render_markdown(title, blocks), encoding="utf-8")
-    return MultitaskResult(paths["md"], paths["html"], paths["csv"], missing)
 
 
 def artifacts(config: dict) -> list[Artifact]:

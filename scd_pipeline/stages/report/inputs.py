@@ -18,7 +18,6 @@ from scd_pipeline.engine.config import task_dir
 from scd_pipeline.engine.io import read_json
 from scd_pipeline.engine.methods import method_label
 from scd_pipeline.engine.naming import (
-    REPLICATE_MARK,
     default_eval_name,
     replicate_eval_name,
     replicate_student_name,
@@ -38,7 +37,7 @@ from scd_pipeline.stages.report.evidence import (
     tag_intervals,
 )
 from scd_pipeline.stages.report.render import as_float
-from scd_pipeline.stages.report.tables import results_frame
+from scd_pipeline.stages.report.tables import ModelRow, results_frame
 
 METRIC_LABELS = {"accuracy": "Accuracy", "kappa": "Kappa", "macro_f1": "Macro-F1",
                  "exact_f1": "Exact F1", "partial_f1": "Partial F1", "loss": "NLL"}
@@ -50,39 +49,6 @@ CURRICULUM_FILE = "curriculum.json"  # written by distill for curriculum methods
 
 
 # --- which models, which files -------------------------------------------------------------------
-
-@dataclass
-class ModelRow:
-    """One row of the results table: a model, its evaluation (or why there is none).
-
-    A replicated row (``seed_names`` not empty) has one evaluation per seed; ``result`` then holds
-    the mean over the seeds that were evaluated (``mean_result``) and ``seed_results`` each one.
-    """
-
-    label: str
-    role: str  # teacher | sft | distilled | other
-    eval_name: str
-    result: dict | None = None
-    missing: str | None = None  # why ``result`` is None, with the command that fixes it
-    model_dir: Path | None = None  # the evaluated model's directory, when the pipeline knows it
-    method: str | None = None  # distilled rows: the method string / students/ folder name
-    seed_names: dict[int, str] = field(default_factory=dict)  # replicate s -> its eval name
-    seed_results: dict[int, dict] = field(default_factory=dict)
-    seeds_missing: list[str] = field(default_factory=list)  # "seed-s: command" per absent replicate
-
-    @property
-    def eval_names(self) -> list[str]:
-        """The evaluations behind the row: one per evaluated seed, or the row's own."""
-        return [self.seed_names[s] for s in sorted(self.seed_results)] if self.seed_names else [self.eval_name]
-
-    @property
-    def eval_label(self) -> str:
-        if not self.eval_name:
-            return "—"
-        if self.seed_names:
-            return f"eval/{self.eval_name}{REPLICATE_MARK}seed-{{{','.join(map(str, sorted(self.seed_names)))}}}.json"
-        return f"eval/{self.eval_name}.json"
-
 
 def teacher_eval_name(best_index: int) -> str:
     """Eval name of T*: what ``evaluate --model teacher/ckpt-{k}`` writes (``teacher-ckpt-{k}``)."""

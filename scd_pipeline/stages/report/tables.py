@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from scd_pipeline.engine.methods import method_label
+from scd_pipeline.engine.naming import REPLICATE_MARK
 from scd_pipeline.stages.report.evidence import (
     DIFFERENCE_COLUMNS,
     REFERENCES,
@@ -19,22 +20,42 @@ from scd_pipeline.stages.report.evidence import (
 )
 from scd_pipeline.stages.report.render import as_float
 
-if TYPE_CHECKING:
-    from scd_pipeline.stages.report.inputs import ModelRow, ReportInputs
-
 STUDENT_ROLES = ("sft", "distilled")
 
-PAPER_ORDER = ("td", "taid", "cd", "scd", "scd_aw")  # distilled rows in the paper's Table 1 order
+
+@dataclass
+class ModelRow:
+    """One row of the results table: a model, its evaluation (or why there is none).
+
+    A replicated row (``seed_names`` not empty) has one evaluation per seed; ``result`` then holds
+    the mean over the seeds that were evaluated (``mean_result``) and ``seed_results`` each one.
+    """
+
+    label: str
+    role: str  # teacher | sft | distilled | other
+    eval_name: str
+    result: dict | None = None
+    missing: str | None = None  # why ``result`` is None, with the command that fixes it
+    model_dir: Path | None = None  # the evaluated model's directory, when the pipeline knows it
+    method: str | None = None  # distilled rows: the method string / students/ folder name
+    seed_names: dict[int, str] = field(default_factory=dict)  # replicate s -> its eval name
+    seed_results: dict[int, dict] = field(default_factory=dict)
+    seeds_missing: list[str] = field(default_factory=list)  # "seed-s: command" per absent replicate
+
+    @property
+    def eval_names(self) -> list[str]:
+        """The evaluations behind the row: one per evaluated seed, or the row's own."""
+        return [self.seed_names[s] for s in sorted(self.seed_results)] if self.seed_names else [self.eval_name]
+
+    @property
+    def eval_label(self) -> str:
+        if not self.eval_name:
+            return "—"
+        if self.seed_names:
+            return f"eval/{self.eval_name}{REPLICATE_MARK}seed-{{{','.join(map(str, sorted(self.seed_names)))}}}.json"
+        return f"eval/{self.eval_name}.json"
 
 
-def table1_key(row: ModelRow) -> str | None:
-    """The Table 1 row a report row belongs to: teacher, sft or the distilled method string."""
-    if row.role in ("teacher", "sft"):
-        return row.role
-    return row.method if row.role == "distilled" else None
-
-
-# --- the results table ---------------------------------------------------------------------------
 
 
 def results_frame(rows: Sequence[ModelRow], metrics: Sequence[str], primary: str,
@@ -120,48 +141,3 @@ def tag_sizes(rows: Sequence[ModelRow]) -> dict[str, int]:
     return sizes
 
 
-def multitask_frame(per_task: dict[str, ReportInputs]) -> tuple[pd.DataFrame, dict[str, str]]:
-    """One row per Table 1 row (teacher, SFT student, TD, TAID, CD, SCD, SCD+AW, then any other
-    distilled method): each task's main metric with its interval, the average over tasks (its
-    interval from the averaged bootstrap draws of the tasks) and the best student per column."""
-    found: dict[str, dict[str, tuple[ModelRow, ReportInputs]]] = {}
-    for task, inputs in per_task.items():
-        for row in inputs.rows:
-            key = table1_key(row)
-            if key is not None:
-                found.setdefault(key, {})[task] = (row, inputs)
-    others = [k for k in found if k not in ("teacher", "sft", *PAPER_ORDER)]
-    order = [k for k in ("teacher", "sft", *PAPER_ORDER) if k in found] + others
-    labels = {"teacher": "Teacher (T*)", "sft": "SFT student"}
-    metrics = {task: inputs.primary for task, inputs in per_task.items()}
-    records = []
-    for key in order:
-        record: dict[str, Any] = {"model": labels.get(key, method_label(key)), "key": key,
-                                  "role": key if key in ("teacher", "sft") else "distilled"}
-        draws = []
-        for task in per_task:
-            row, inputs = found[key].get(task, (None, None))
-            evidence = inputs.evidence.metrics.get(row.eval_name, {}).get(metrics[task]) if (
-                row is not None and inputs.evidence is not None) else None
-            value = (evidence.estimate if evidence is not None else
-                     as_float(row.result["metrics"].get(metrics[task])) if row is not None and row.result else math.nan)
-            record.update({task: value, f"{task}_low": evidence.interval.low if evidence else math.nan,
-                           f"{task}_high": evidence.interval.high if evidence else math.nan,
-                           f"{task}_metric": metrics[task],
-                           f"{task}_seeds": (len(row.seed_results) if row.seed_names else 1) if row and row.result else 0})
-            draws.append(evidence.draws if evidence is not None else None)
-        values = [record[task] for task in per_task]
-        record["average"] = float(np.mean(values)) if not any(math.isnan(v) for v in values) else math.nan
-        if all(d is not None for d in draws) and len({len(d) for d in draws}) == 1:
-            mean_draws = np.mean(np.stack(draws), axis=0)
-            tail = (1 - next(iter(per_task.values())).evidence.bootstrap.confidence) / 2
-            record["average_low"], record["average_high"] = (float(q) for q in np.quantile(mean_draws, [tail, 1 - tail]))
-        else:
-            record["average_low"] = record["average_high"] = math.nan
-        records.append(record)
-    frame = pd.DataFrame.from_records(records)
-    for column in [*per_task, "average"]:
-        students = frame[frame["role"] != "teacher"][column]
-        top = students.max(skipna=True)
-        frame[f"{column}_best"] = (frame["role"] != "teacher") & (frame[column] == top) & frame[column].notna()
-    return frame, metrics
