@@ -10,7 +10,14 @@ import torch
 from test_evaluate import list_rows, one_torch_thread  # noqa: F401 (fixture)
 
 from scd_pipeline.engine.batching import frame_batch
-from scd_pipeline.engine.scoring import PassRule, list_pass_rate, pass_rates, sample_score
+from scd_pipeline.engine.scoring import (
+    PassRule,
+    generation_budget,
+    list_pass_rate,
+    pass_rates,
+    predict_split,
+    sample_score,
+)
 from scd_pipeline.engine.tiny import byte_level_tokenizer, tiny_llama
 from scd_pipeline.engine.training import CompletionLM, per_sample_mean_nll
 from scd_pipeline.math.weighting import paced_weight
@@ -84,3 +91,22 @@ def test_choice_pass_rate_is_the_probability_of_the_gold_letter():
             logits = model(input_ids=torch.tensor([sequence])).logits[0, -1]
         gold = int(frame["completion_ids"].iat[row][0])
         assert rates[row] == pytest.approx(float(torch.softmax(logits, -1)[gold]), rel=1e-4)
+
+
+def test_auto_generation_budget_is_the_longest_gold_answer_plus_a_quarter():
+    frame = pd.DataFrame({"kind": ["list", "list", "choice", "list"],
+                          "completion_ids": [[1] * 10, [1] * 80, [1] * 200, [1] * 3]})
+    assert generation_budget(frame, "auto") == 80 + 20      # the choice row generates nothing
+    assert generation_budget(frame.iloc[[0, 3]], "auto") == 10 + 16  # at least 16 more
+    assert generation_budget(frame.iloc[[2]], "auto") == 16
+    assert generation_budget(frame, 64) == 64
+
+
+def test_answers_cut_by_the_budget_are_counted_and_warned_about(capsys):
+    """A budget of 2 tokens (bytes) cuts every answer before its end of turn, even ``[]``; with
+    ``auto`` (the longest gold list + its quarter, >= 16) the trained model finishes its lists."""
+    model, tokenizer, frame = trained_list_model(steps=70)
+    predict_split(model, tokenizer, frame, batch_size=8, max_new_tokens=2, where="lists")
+    assert "warning: lists: 8 of 8 generated answers reached max_new_tokens = 2" in capsys.readouterr().err
+    predict_split(model, tokenizer, frame, batch_size=8, max_new_tokens="auto", where="lists")
+    assert "reached max_new_tokens" not in capsys.readouterr().err

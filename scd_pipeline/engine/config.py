@@ -52,10 +52,21 @@ def _describe(error: jsonschema.ValidationError) -> str:
         return f"config key {where}: {error.instance!r} is not one of {error.validator_value}"
     if error.validator == "required":
         return f"config key {where}: {error.message}"
+    if error.validator == "anyOf":
+        return f"config key {where}: expected {' or '.join(_alternative(s) for s in error.validator_value)}, got {error.instance!r}"
     return f"config key {where}: {error.message}"
 
 
+def _alternative(node: dict) -> str:
+    if "const" in node:
+        return repr(node["const"])
+    names = " or ".join(_TYPE_NAMES.get(t, t) for t in _types(node))
+    return f"{names} >= {node['minimum']}" if "minimum" in node else names
+
+
 def _types(node: dict) -> list[str]:
+    if "anyOf" in node:
+        return [t for alternative in node["anyOf"] for t in _types(alternative)]
     kind = node.get("type", [])
     return [kind] if isinstance(kind, str) else list(kind)
 

@@ -231,7 +231,7 @@ def _split_samples(scored: ScoredBatch, sample_ids: np.ndarray, ids: np.ndarray,
 
 def write_logit_cache(model, tokenizer, frame: pd.DataFrame, out_path: str | Path, identity: dict, *,
                       top_k: int, dtype: str = "fp16", temperature: float = 1.0, batch_size: int = 16,
-                      rows_per_group: int = 256, max_new_tokens: int = 64) -> dict:
+                      rows_per_group: int = 256, max_new_tokens: int | str = "auto") -> dict:
     """Stream ``model``'s sparse completion distributions over ``frame`` into ``out_path``, with
     each sample's gold NLL and task score from the same scoring pass as evaluation.
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import ast
 import json
 import math
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -166,10 +167,33 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens:
 
 
 def generate_texts(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                   stop_ids: Sequence[int], samples: int = 1, temperature: float = 0.0) -> list[str]:
-    """:func:`generate`'s continuations as text (up to the first stop token)."""
-    return [tokenizer.decode(ids, skip_special_tokens=True)
-            for ids, _ in generate(model, tokenizer, prompts, max_new_tokens, stop_ids, samples, temperature)]
+                   stop_ids: Sequence[int], samples: int = 1, temperature: float = 0.0) -> list[tuple[str, bool]]:
+    """:func:`generate`'s continuations as text (up to the first stop token), each with whether a
+    stop token came (False: the budget cut it)."""
+    return [(tokenizer.decode(ids, skip_special_tokens=True), stopped)
+            for ids, stopped in generate(model, tokenizer, prompts, max_new_tokens, stop_ids, samples, temperature)]
+
+
+AUTO = "auto"
+
+
+def generation_budget(frame: pd.DataFrame, max_new_tokens: int | str) -> int:
+    """Tokens greedy generation may write for the list rows of ``frame``: ``max_new_tokens``, or with
+    ``auto`` the longest gold completion among them plus a quarter of it, at least 16 more (an
+    answer cut short has no closing bracket, parses as malformed and scores 0)."""
+    if max_new_tokens != AUTO:
+        return int(max_new_tokens)
+    lists = frame["kind"].astype(str).to_numpy() == "list"
+    longest = int(frame["completion_ids"][lists].map(len).max()) if lists.any() else 0
+    return longest + max(16, math.ceil(longest / 4))
+
+
+def warn_truncated(where: str, cut: int, generated: int, budget: int) -> None:
+    """One line on stderr when generated answers ran into the budget."""
+    if cut:
+        print(f"warning: {where}: {cut} of {generated} generated answers reached max_new_tokens = {budget} "
+              "before their end of turn; they are scored as cut (malformed lists score 0): raise "
+              "evaluate.max_new_tokens (or set it to auto)", file=sys.stderr)
 
 
 # --- the forward pass --------------------------------------------------------------------------------
@@ -215,7 +239,7 @@ def row_kinds(frame: pd.DataFrame, where: str) -> np.ndarray:
     return kinds
 
 
-def score_batches(model, tokenizer, frame: pd.DataFrame, batch_size: int, max_new_tokens: int,
+def score_batches(model, tokenizer, frame: pd.DataFrame, batch_size: int, max_new_tokens: int | str,
                   where: str = "split", progress: bool = False) -> Iterator[ScoredBatch]:
     """Score every row of ``frame`` (see the module doc), batch by batch in length order. Each
     row is scored by its own kind (a split prepared for one task has one kind)."""
@@ -225,6 +249,8 @@ def score_batches(model, tokenizer, frame: pd.DataFrame, batch_size: int, max_ne
     choice_rows = frame[kinds == "choice"]
     letter_ids = letter_token_ids(tokenizer, choice_rows, where) if len(choice_rows) else {}
     stop_ids = stop_token_ids(tokenizer, frame)
+    budget = generation_budget(frame, max_new_tokens)
+    generated_rows = cut_rows = 0
     answers = frame["answer"].astype(str).to_numpy()
     sample_ids = frame["sample_id"].astype(str).to_numpy()
     total = math.ceil(len(frame) / batch_size)
@@ -245,18 +271,21 @@ def score_batches(model, tokenizer, frame: pd.DataFrame, batch_size: int, max_ne
         generated = [j for j, row in enumerate(rows) if kinds[row] == "list"]
         if generated:
             with torch.no_grad():
-                texts = generate_texts(model, tokenizer, [frame["prompt_ids"].iat[rows[j]] for j in generated],
-                                       max_new_tokens, stop_ids)
-            for j, text in zip(generated, texts, strict=True):
+                outputs = generate_texts(model, tokenizer, [frame["prompt_ids"].iat[rows[j]] for j in generated],
+                                         budget, stop_ids)
+            generated_rows += len(outputs)
+            cut_rows += sum(not stopped for _, stopped in outputs)
+            for j, (text, _) in zip(generated, outputs, strict=True):
                 parsed = parse_list_output(text)
                 malformed[j] = parsed is None
                 predictions[j] = json.dumps(parsed or [], ensure_ascii=False)
         scores = [sample_score(kinds[r], answers[r], p, sample_ids[r]) for r, p in zip(rows, predictions, strict=True)]
         yield ScoredBatch(batch, logits, counts, per_sample_sum(token_logprob, batch), predictions, scores,
                           malformed)
+    warn_truncated(where, cut_rows, generated_rows, budget)
 
 
-def predict_split(model, tokenizer, frame: pd.DataFrame, batch_size: int, max_new_tokens: int,
+def predict_split(model, tokenizer, frame: pd.DataFrame, batch_size: int, max_new_tokens: int | str,
                   where: str = "split", progress: bool = False) -> pd.DataFrame:
     """Predictions for every row of a split, in the split's row order.
 
@@ -319,7 +348,7 @@ class PassRule:
     metric: str = "exact_f1"         # exact_f1 | partial_f1 of one document
     threshold: float = 0.5           # an answer passes when its metric is >= this
     temperature: float = 1.0         # sampling temperature
-    max_new_tokens: int = 64
+    max_new_tokens: int | str = AUTO
     seed: int = 0
 
 
@@ -356,9 +385,10 @@ def pass_rates(model, tokenizer, frame: pd.DataFrame, batch_size: int, rule: Pas
         for positions in length_grouped_batches(lengths, batch_size, seed=None):
             rows = [int(listed[p]) for p in positions]
             with torch.no_grad():
-                texts = generate_texts(model, tokenizer, [frame["prompt_ids"].iat[r] for r in rows],
-                                       rule.max_new_tokens, stop_ids, samples=rule.samples,
-                                       temperature=rule.temperature)
+                texts = [text for text, _ in generate_texts(
+                    model, tokenizer, [frame["prompt_ids"].iat[r] for r in rows],
+                    generation_budget(frame, rule.max_new_tokens), stop_ids, samples=rule.samples,
+                    temperature=rule.temperature)]
             for j, row in enumerate(rows):
                 gold = gold_list(str(frame["answer"].iat[row]), str(frame["sample_id"].iat[row]))
                 rates[row] = list_pass_rate(gold, texts[j * rule.samples : (j + 1) * rule.samples], rule)
