@@ -19,8 +19,10 @@ from scd_pipeline.engine.scoring import mean_gold_nll, predict_split
 from scd_pipeline.engine.tiny import byte_level_tokenizer, tiny_llama
 from scd_pipeline.engine.training import (
     CompletionLM,
+    check_fsdp_units,
     checkpoint_steps,
     cosine_warmup_factor,
+    enable_activation_checkpointing,
     per_sample_mean_nll,
     read_resume_progress,
     training_plan,
@@ -278,3 +280,59 @@ def test_cli_student_lora_run_writes_an_adapter_that_evaluate_accepts(tmp_path):
     base = pd.read_parquet(evaluate(config, results / "models" / "student_base").with_suffix("")
                            .with_suffix(".predictions.parquet"))
     assert tuned["gold_logprob"].mean() > base["gold_logprob"].mean()  # the adapter is applied and helps
+
+
+# --- memory at scale: FSDP units, gradient checkpointing ---------------------------------------------
+
+def test_the_fsdp_auto_wrap_policy_finds_every_decoder_layer_through_the_training_wrapper():
+    """accelerate reads _no_split_modules from the module it prepares, the wrapper: through it the
+    policy must pick the 4 decoder layers of the tiny Llama (it picked none before)."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+
+    model = tiny_llama(byte_level_tokenizer())
+    wrapper = CompletionLM(model)
+    policy = fsdp2_prepare_auto_wrap_policy(
+        FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap"), wrapper)
+    picked = [m for m in wrapper.modules() if policy(m)]
+    assert picked == list(model.model.layers)
+    assert wrapper.get_input_embeddings() is model.get_input_embeddings()
+    assert wrapper.get_output_embeddings() is model.get_output_embeddings()
+
+
+def test_a_model_whose_decoder_layers_are_not_fsdp_units_is_refused(tmp_path):
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    model = tiny_llama(byte_level_tokenizer())
+    with pytest.raises(ConfigError, match="FSDP made none of the 4 decoder layers .LlamaDecoderLayer. a unit"):
+        check_fsdp_units(model)
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"file://{tmp_path / 'group'}")
+    try:
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        assert check_fsdp_units(model) == 4
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gradient_checkpointing_recomputes_each_layer_and_keeps_the_gradients():
+    tokenizer = byte_level_tokenizer()
+    frame = pd.DataFrame([{"prompt_ids": tokenizer.encode("Q: which?"), "completion_ids": tokenizer.encode("B")}])
+    batch = frame_batch(frame, [0], tokenizer.pad_token_id)
+    grads, calls = [], []
+    for checkpointing in (False, True):
+        model = tiny_llama(tokenizer, seed=0).train()
+        if checkpointing:
+            enable_activation_checkpointing(model)
+        count, mlp = [0], model.model.layers[0].mlp
+        # the layer's MLP runs inside the checkpointed forward: again when the backward recomputes it
+        mlp.forward = lambda *args, _run=mlp.forward, _count=count, **kwargs: (
+            _count.__setitem__(0, _count[0] + 1), _run(*args, **kwargs))[1]
+        wrapper = CompletionLM(model)
+        per_sample_mean_nll(wrapper(batch.input_ids, batch.attention_mask, batch.predict_mask), batch).sum().backward()
+        grads.append(model.model.layers[0].mlp.up_proj.weight.grad.clone())
+        calls.append(count[0])
+    assert calls == [1, 2]  # forward once; with checkpointing once more inside the backward
+    torch.testing.assert_close(grads[0], grads[1])

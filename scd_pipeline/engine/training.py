@@ -198,11 +198,49 @@ class CompletionLM(torch.nn.Module):
         super().__init__()
         self.model = model
 
+    # What accelerate's FSDP auto-wrap policy and its embedding / head carve-out read from the model
+    # it prepares: without them it found no decoder layer and sharded the whole model as one unit.
+    @property
+    def _no_split_modules(self) -> list[str] | None:
+        return getattr(self.model, "_no_split_modules", None)
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.model.get_input_embeddings()
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.model.get_output_embeddings()
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 predict_mask: torch.Tensor) -> torch.Tensor:
         empty = torch.empty(0, dtype=torch.long, device=input_ids.device)
         # completion_logits reads only the three tensors below.
         return completion_logits(self.model, Batch(input_ids, attention_mask, predict_mask, empty, empty, []))
+
+
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute every decoder layer's activations in the backward (non-reentrant checkpoints)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x; older 5.x:
+    if enable is not None:
+        enable()
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def check_fsdp_units(model: torch.nn.Module) -> int:
+    """The number of decoder layers (the model's ``_no_split_modules`` classes) that are FSDP units;
+    a ConfigError when none is: FSDP would then gather the whole model at once (one unit) and its
+    activation checkpointing would wrap nothing."""
+    from torch.distributed.fsdp import FSDPModule
+
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    # fully_shard turns a layer's class into a subclass (FSDPLlamaDecoderLayer): look along its MRO
+    layers = [m for m in model.modules() if any(c.__name__ in names for c in type(m).__mro__)]
+    units = sum(isinstance(layer, FSDPModule) for layer in layers)
+    if not units:
+        raise ConfigError(f"FSDP made none of the {len(layers)} decoder layers ({', '.join(sorted(names)) or 'none named'}) "
+                          "a unit of its own; set fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP (or "
+                          "fsdp_transformer_layer_cls_to_wrap) in the accelerate config")
+    return units
 
 
 def per_sample_mean_nll(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -351,13 +389,15 @@ class LoopSettings:
     resume_every_minutes: float
     seed: int
     restart_each_phase: bool = True  # False: one AdamW state and one LR schedule over the whole run (distill.schedule)
+    gradient_checkpointing: bool = False  # recompute each decoder layer's activations in the backward
 
     @classmethod
     def from_section(cls, section: dict, lr: float, seed: int) -> LoopSettings:
         return cls(lr=lr, batch_size=section["batch_size"], grad_accum=section["grad_accum"],
                    warmup_ratio=section["warmup_ratio"], weight_decay=section["weight_decay"],
                    max_grad_norm=section["max_grad_norm"], log_every=section["log_every"],
-                   resume_every_minutes=section["resume_every_minutes"], seed=seed)
+                   resume_every_minutes=section["resume_every_minutes"], seed=seed,
+                   gradient_checkpointing=section["gradient_checkpointing"])
 
 
 @dataclass
@@ -502,9 +542,13 @@ def run_training(recipe: Recipe, accelerator, model: torch.nn.Module, tokenizer,
     processes, process = accelerator.num_processes, accelerator.process_index
     micro_per_step = settings.grad_accum * processes
     model.train()
+    if settings.gradient_checkpointing:
+        enable_activation_checkpointing(model)
     wrapper = CompletionLM(model)
     optimizer = build_optimizer(wrapper, settings.lr, settings.weight_decay)
     wrapper, optimizer = accelerator.prepare(wrapper, optimizer)
+    if getattr(accelerator, "is_fsdp2", False):
+        check_fsdp_units(accelerator.unwrap_model(wrapper).model)
     unwrapped = accelerator.unwrap_model(wrapper).model
     log_path = state_dir / LOG_FILE
 
