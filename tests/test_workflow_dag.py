@@ -153,3 +153,19 @@ def test_curriculum_methods_add_the_ioa_stages_once_and_only_for_themselves(tmp_
     # without a curriculum method none of IOA's stages is planned
     jobs, _ = dry_run(tmp_path / "c")
     assert not any(jobs[rule] for rule in ("ioa_plan", "synthesize", "cache_logits_synthetic"))
+
+
+def test_the_paper_scale_config_plans(tmp_path):
+    """config/paper-gpu.yaml (Qwen2.5-7B -> 1.5B on crade, every row, 10 checkpoints, 4 GPUs under
+    FSDP) plans: 10 caches, a phase per checkpoint, training under accelerate with the FSDP config."""
+    command = [SNAKEMAKE, "-n", "-p", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
+               "--configfile", str(REPO / "config.yaml"), str(REPO / "config" / "paper-gpu.yaml")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    jobs, shells = planned(result.stdout)
+    assert jobs["cache_logits"] == 10 and jobs["distill"] == 5
+    assert all("launch --config_file workflow/accelerate/fsdp.yaml --num_processes 4" in s
+               for s in shells if " sft --role " in s or " distill --method " in s)
+    config = load_config(REPO / "config" / "paper-gpu.yaml")
+    assert config["distill"]["phases"] is None and config["data"]["max_train_samples"] is None
