@@ -271,6 +271,59 @@ def cache_info_command(
                    "will be refused; re-run cache-logits)")
 
 
+@app.command("plan")
+def plan_command(
+    task: TaskOption = None,
+    config: ConfigOption = None,
+    gpus: Annotated[int | None, typer.Option(
+        help="GPUs of a training job (default: config resources.gpus, at least 1).", show_default=False)] = None,
+    peak_tflops: Annotated[float, typer.Option(help="Peak dense bf16 TFLOPS of one GPU (H100 SXM: 989).")] = 989.0,
+    utilisation: Annotated[float, typer.Option(help="Share of the peak the jobs reach (MFU).")] = 0.4,
+    rows: Annotated[int | None, typer.Option(
+        help="Training rows (default: the prepared data's, else data.max_train_samples).", show_default=False)] = None,
+    prompt_tokens: Annotated[float | None, typer.Option(
+        help="Mean prompt tokens per row (default: the prepared data's).", show_default=False)] = None,
+    completion_tokens: Annotated[float | None, typer.Option(
+        help="Mean completion tokens per row (default: the prepared data's).", show_default=False)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print everything as one JSON object.")] = False,
+    results_dir: ResultsOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Size a run before making it: per rule, its jobs, GPUs, compute time at the stated
+    utilisation, GPU memory per GPU, host memory and disk, from the models' shapes (built on the
+    meta device: nothing is downloaded or loaded) and the data. Estimates, not measurements."""
+    import dataclasses
+    import json
+
+    try:
+        cfg = build_config(config, set_, task=task, results_dir=str(results_dir) if results_dir else None)
+        from scd_pipeline.engine.sizing import plan_run, workload
+        from scd_pipeline.math.sizing import Hardware
+
+        hardware = Hardware(gpus=gpus or max(cfg["resources"]["gpus"], 1), peak_tflops=peak_tflops,
+                            utilisation=utilisation)
+        work = workload(cfg, rows, prompt_tokens, completion_tokens)
+        teacher, student, estimates = plan_run(cfg, hardware, work)
+    except ScdError as exc:
+        _fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps({"hardware": dataclasses.asdict(hardware), "workload": dataclasses.asdict(work),
+                               "teacher": dataclasses.asdict(teacher), "student": dataclasses.asdict(student),
+                               "rules": [dataclasses.asdict(e) for e in estimates]}, indent=2))
+        return
+    typer.echo(f"teacher {teacher.params / 1e9:.2f} B parameters ({teacher.layers} layers, head {teacher.vocab} rows); "
+               f"student {student.params / 1e9:.2f} B ({student.layers} layers, head {student.vocab})")
+    typer.echo(f"data: {work.train_rows} training rows of {work.prompt_tokens:.0f} + {work.completion_tokens:.0f} "
+               f"tokens, {work.val_rows} validation rows per checkpoint, {work.test_rows} test rows")
+    typer.echo(f"GPUs: {hardware.gpus} per training job at {hardware.utilisation:.0%} of {hardware.peak_tflops:g} "
+               "TFLOPS (estimates from counts: see scd_pipeline/math/sizing.py for what each leaves out)")
+    header = f"{'rule':<28} {'jobs':>4} {'GPUs':>4} {'h/job':>8} {'GPU-h':>8} {'GPU GB':>7} {'host GB':>8} {'disk GB':>8}"
+    typer.echo(header)
+    for e in estimates:
+        typer.echo(f"{e.rule:<28} {e.jobs:>4} {e.gpus:>4} {e.hours:>8.2f} {e.total_gpu_hours:>8.1f} "
+                   f"{e.gpu_memory_gb:>7.1f} {e.host_memory_gb:>8.1f} {e.disk_gb:>8.1f}")
+
+
 @app.command("estimate-subdomains")
 def estimate_subdomains_command(
     task: TaskOption = None,
@@ -556,7 +609,7 @@ def distill_command(
 
 
 # --help lists the stages in pipeline order, whatever order they are defined in above.
-PIPELINE_ORDER = ("init", "prepare-model", "prepare-data", "sft", "cache-logits", "cache-info",
+PIPELINE_ORDER = ("init", "plan", "prepare-model", "prepare-data", "sft", "cache-logits", "cache-info",
                   "estimate-subdomains", "ioa-plan", "synthesize", "distill", "evaluate", "report")
 app.registered_commands.sort(key=lambda command: PIPELINE_ORDER.index(command.name))
 

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from scd_pipeline.cli import app
 from scd_pipeline.engine.config import load_config, validate_config
-from scd_pipeline.engine.models import load_model, model_dir
+from scd_pipeline.engine.models import load_model, model_dir, select_layers
 from scd_pipeline.engine.tiny import byte_level_tokenizer, tiny_llama
 from scd_pipeline.engine.tokenization import load_tokenizer, tokenizer_fingerprint
 from scd_pipeline.errors import ModelError
@@ -32,7 +32,6 @@ from scd_pipeline.stages.prepare_model import (
     prepare_model,
     prune_layers,
     read_manifest,
-    select_layers,
 )
 
 EMBEDDED = "embedded:smollm2-135m-instruct"

@@ -118,3 +118,27 @@ def load_model(path: str | Path, dtype: str = "auto", device: str | None = None)
     return model.to(device).eval(), tokenizer
 
 
+def select_layers(num_layers: int, keep_layers: list[int] | None, keep_every: int | None,
+                  key: str) -> list[int]:
+    """Decoder layer indices to keep: ``keep_layers`` if given, else ``0, k, 2k, ...``, else all.
+
+    ``key`` (e.g. ``models.student``) names the config keys in errors.
+    """
+    if keep_layers is not None:
+        where = f"config key {key}.keep_layers"
+        if not keep_layers:
+            raise ModelError(f"{where}: empty; list at least one decoder layer (or null for all)")
+        bad = [i for i in keep_layers if not 0 <= i < num_layers]
+        if bad:
+            raise ModelError(f"{where}: layer {bad[0]} is out of range (the model has {num_layers} "
+                             f"decoder layers, 0..{num_layers - 1})")
+        if len(set(keep_layers)) != len(keep_layers):
+            raise ModelError(f"{where}: {keep_layers} repeats a layer; list each layer once")
+        if list(keep_layers) != sorted(keep_layers):
+            raise ModelError(f"{where}: {keep_layers} is not in increasing order; sort it")
+        return list(keep_layers)
+    if keep_every is not None:
+        if keep_every < 1:
+            raise ModelError(f"config key {key}.keep_every: {keep_every} must be at least 1")
+        return list(range(0, num_layers, keep_every))
+    return list(range(num_layers))
