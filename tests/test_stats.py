@@ -29,7 +29,13 @@ from scd_pipeline.math.stats import (
     sfs_outcome,
 )
 from scd_pipeline.stages.estimate_subdomains import decompose_gap
-from scd_pipeline.stages.report.evidence import EvaluatedModel, TaskEvidence, differences_frame
+from scd_pipeline.stages.report.evidence import (
+    EvaluatedModel,
+    TaskEvidence,
+    differences_frame,
+    resolution,
+)
+from scd_pipeline.stages.report.sections import resolution_text
 
 N_ROWS = 100
 
@@ -228,3 +234,15 @@ def test_required_test_size_and_seeds_by_hand():
     assert 1.959964 * math.sqrt(0.0991 / n) == pytest.approx(0.03, rel=0.002)
     with pytest.raises(ValueError, match="discordance"):
         accuracy_row_variance(0.01, 0.03)
+
+
+def test_students_that_agree_on_every_row_leave_the_test_size_not_estimable():
+    rng = np.random.default_rng(0)
+    evidence = null_evidence(rng, 50, 100, 1)
+    same = evidence.scores["model1"]  # the SFT student's rows for every student
+    for key in ("model2", "model3"):
+        evidence.scores[key] = same
+        evidence.metrics[key] = evidence.metrics["model1"]
+    found = resolution(evidence, "accuracy", 0.03, 0.8)
+    assert found.row_variance == 0.0 and found.required_rows is None
+    assert resolution_text(found).startswith("Not estimable: the students' per-row Accuracy agree on every test row")

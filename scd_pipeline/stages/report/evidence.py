@@ -383,10 +383,11 @@ class Resolution:
     n: int
     pairs: int                  # student pairs the row variance was measured on
     row_variance: float         # median over those pairs of the per-row paired variance
-    required_rows: int
+    required_rows: int | None
     seeds: int                  # replicate count of the replicated students (1 if none)
     seed_variance: float | None  # median over replicated students of the metric's variance over seeds
     required_seeds: int | None  # at the current n; None when no seed count suffices
+    # required_rows is None when the students agree on every row: not estimable
 
 
 def resolution(evidence: TaskEvidence, metric: str, target: float, power: float) -> Resolution | None:
@@ -407,5 +408,5 @@ def resolution(evidence: TaskEvidence, metric: str, target: float, power: float)
     required_seeds = (required_replicates(target, row_variance, seed_variance, evidence.n, alpha, power)
                       if seed_variance is not None else None)
     return Resolution(metric, target, power, evidence.bootstrap.confidence, evidence.n, len(variances),
-                      row_variance, required_test_size(target, max(row_variance, 1e-12), alpha, power),
+                      row_variance, required_test_size(target, row_variance, alpha, power) if row_variance > 0 else None,
                       seeds, seed_variance, required_seeds)

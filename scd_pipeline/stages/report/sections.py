@@ -151,6 +151,10 @@ def resolution_text(found: Resolution | None) -> str:
         return "Not computed: fewer than two students have per-row predictions."
     metric = METRIC_LABELS[found.metric]
     per_row = f"per-row {metric}" + (" (mean over seeds)" if found.seeds > 1 else "")
+    if found.required_rows is None:
+        return (f"Not estimable: the students' {per_row} agree on every test row (variance 0 over "
+                f"{found.pairs} student pairs), so these rows say nothing of how many a difference of "
+                f"{found.target:.2f} would need.")
     text = (f"Two students' {per_row} differ with variance {found.row_variance:.4f} (median over "
             f"{found.pairs} student pairs; for accuracy from one seed: the share of rows where exactly one "
             f"of the two is right, minus the squared difference). A difference of {found.target:.2f} in {metric} is "
