@@ -254,7 +254,7 @@ def test_list_task_with_generation_forced_to_gold_scores_one(tmp_path, monkeypat
     model_dir = save_model(tiny_llama(tokenizer, seed=2), tokenizer, tmp_path / "forced")
     gold_by_prompt = {tuple(r["prompt_ids"]): f"Findings: {r['answer']}" for r in rows}
     monkeypatch.setattr(scoring_module, "generate_texts",
-                        lambda model, tok, prompts, *args: [gold_by_prompt[tuple(p)] for p in prompts])
+                        lambda model, tok, prompts, *args: [(gold_by_prompt[tuple(p)], True) for p in prompts])
 
     report = json.loads(evaluate(tiny_config(tmp_path, task="nrner"), model_dir).read_text())
 
