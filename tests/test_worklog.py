@@ -66,3 +66,24 @@ def test_every_model_job_of_a_workflow_run_logs_its_work(tiny_reference):
     assert kinds["cache_logits_1"] == {"forward"}
     assert kinds["evaluate_student_sft"] == {"forward"}
     assert kinds["prepare_data"] == set()
+
+
+def test_a_process_that_used_a_gpu_adds_its_peak_memory_to_each_line(monkeypatch):
+    import torch
+
+    worklog.add("forward", 100, 1.0)
+    stream = io.StringIO()
+    assert "peak_gpu_bytes" not in worklog.report(stream)[0]  # this CPU: no CUDA
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *args: 3_000_000_000)
+    worklog.add("forward", 100, 1.0)
+    worklog.add("train", 50, 2.0)
+    records = worklog.parse(worklog_lines := _report_lines())
+    assert [r["peak_gpu_bytes"] for r in records] == [3_000_000_000, 3_000_000_000], worklog_lines
+
+
+def _report_lines() -> list[str]:
+    stream = io.StringIO()
+    worklog.report(stream)
+    return stream.getvalue().splitlines()

@@ -7,6 +7,7 @@ line per kind goes to stderr (so into the job's log under Snakemake)::
 
     scd-work {"kind": "train", "batches": 80, "tokens": 61234, "seconds": 105.3, "steady_tokens_per_s": 590.1, "compute_seconds": 103.8}
 
+A process that used a GPU adds ``peak_gpu_bytes`` (torch's peak allocation) to each line.
 ``compute_seconds`` = tokens / steady rate is the compute-bound part of the job's time: what the
 work would take at the rate the loop sustains once running. Everything else in the job's wall time
 (interpreter and library start, model loading, Parquet I/O, checkpoint saves, warm-up batches,
@@ -76,6 +77,9 @@ def report(stream=None) -> list[dict]:
     every process, so one process's record is the job's work."""
     records = [summary(kind, batches) for kind, batches in _batches.items() if batches]
     _batches.clear()
+    peak = peak_gpu_bytes()
+    if peak is not None:
+        records = [{**record, "peak_gpu_bytes": peak} for record in records]
     if os.environ.get("RANK", "0") != "0":
         return []
     stream = stream or sys.stderr
@@ -83,6 +87,14 @@ def report(stream=None) -> list[dict]:
         stream.write(PREFIX + json.dumps(record) + "\n")
     stream.flush()
     return records
+
+
+def peak_gpu_bytes() -> int | None:
+    """The process's peak CUDA memory allocated by torch, when it used a GPU; None otherwise."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return int(torch.cuda.max_memory_allocated())
 
 
 def discard() -> None:
