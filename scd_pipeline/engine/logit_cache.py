@@ -40,7 +40,7 @@ import torch
 from scd_pipeline.engine.checkpoints import checkpoint_entry, read_checkpoints
 from scd_pipeline.engine.config import task_dir
 from scd_pipeline.engine.io import read_json, sha256_file, write_json
-from scd_pipeline.engine.scoring import SAMPLE_METRIC, ScoredBatch, score_batches
+from scd_pipeline.engine.scoring import AUTO, SAMPLE_METRIC, ScoredBatch, score_batches
 from scd_pipeline.engine.tokenization import tokenizer_fingerprint
 from scd_pipeline.errors import ConfigError, DataError, ModelError
 from scd_pipeline.math.losses import SparseTarget, vocabulary_logits
@@ -231,7 +231,7 @@ def _split_samples(scored: ScoredBatch, sample_ids: np.ndarray, ids: np.ndarray,
 
 def write_logit_cache(model, tokenizer, frame: pd.DataFrame, out_path: str | Path, identity: dict, *,
                       top_k: int, dtype: str = "fp16", temperature: float = 1.0, batch_size: int = 16,
-                      rows_per_group: int = 256, max_new_tokens: int | str = "auto") -> dict:
+                      rows_per_group: int = 256, max_new_tokens: int | str = AUTO) -> dict:
     """Stream ``model``'s sparse completion distributions over ``frame`` into ``out_path``, with
     each sample's gold NLL and task score from the same scoring pass as evaluation.
 

@@ -14,6 +14,9 @@ from scd_pipeline.engine.io import read_json
 from scd_pipeline.engine.tokenization import load_tokenizer
 from scd_pipeline.errors import ModelError
 
+TINY_SOURCE = "tiny:llama"        # models.{role}.source: a tiny random Llama (tests, smoke runs)
+TEACHER_SOURCE = "teacher_base"   # models.student.source: the prepared teacher
+
 
 def model_dir(config: dict, role: str) -> Path:
     """Where ``prepare-model --role {role}`` writes: ``{results_dir}/models/{role}_base``."""

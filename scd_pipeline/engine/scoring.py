@@ -378,6 +378,7 @@ def pass_rates(model, tokenizer, frame: pd.DataFrame, batch_size: int, rule: Pas
     if not len(listed):
         return rates
     stop_ids = stop_token_ids(tokenizer, frame)
+    budget = generation_budget(frame, rule.max_new_tokens)
     lengths = [len(frame["prompt_ids"].iat[r]) for r in listed]
     devices = [torch.device("cuda", torch.cuda.current_device())] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
@@ -387,7 +388,7 @@ def pass_rates(model, tokenizer, frame: pd.DataFrame, batch_size: int, rule: Pas
             with torch.no_grad():
                 texts = [text for text, _ in generate_texts(
                     model, tokenizer, [frame["prompt_ids"].iat[r] for r in rows],
-                    generation_budget(frame, rule.max_new_tokens), stop_ids, samples=rule.samples,
+                    budget, stop_ids, samples=rule.samples,
                     temperature=rule.temperature)]
             for j, row in enumerate(rows):
                 gold = gold_list(str(frame["answer"].iat[row]), str(frame["sample_id"].iat[row]))

@@ -7,11 +7,15 @@ from pathlib import Path
 
 from scd_pipeline.engine.config import task_dir
 from scd_pipeline.engine.io import read_json
-from scd_pipeline.engine.models import is_model_dir, model_dir, select_layers
+from scd_pipeline.engine.models import (
+    TEACHER_SOURCE,
+    TINY_SOURCE,
+    is_model_dir,
+    model_dir,
+    select_layers,
+)
 from scd_pipeline.errors import DataError, ModelError
 from scd_pipeline.math.sizing import Estimate, Hardware, ModelShape, Workload, plan_estimates
-
-TINY_SOURCE = "tiny:llama"
 
 
 def _source_config(config: dict, role: str):
@@ -23,7 +27,7 @@ def _source_config(config: dict, role: str):
         return AutoConfig.from_pretrained(prepared), False  # already pruned
     spec = config["models"][role]
     source = spec["source"]
-    if role == "student" and source == "teacher_base":
+    if role == "student" and source == TEACHER_SOURCE:
         return _source_config(config, "teacher")[0], True
     if source == TINY_SOURCE:
         from scd_pipeline.engine.tiny import byte_level_tokenizer, tiny_llama

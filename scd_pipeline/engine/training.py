@@ -259,7 +259,7 @@ def save_resume_state(accelerator, state_dir: str | Path, progress: dict) -> Pat
 
     Every process writes into a temporary folder with a name they all know; once all have written,
     the main process swaps it in for ``{state_dir}/latest``. A collective: every process calls it
-    at the same step (``decide_on_rank0`` makes that one decision). A kill at any moment leaves either the old or the new
+    at the same step (the loop reduces the processes' decisions into one). A kill at any moment leaves either the old or the new
     state complete (``load_resume_state`` also looks at the swap's ``.old`` copy).
     """
     state_dir = Path(state_dir)
@@ -633,7 +633,11 @@ def run_training(recipe: Recipe, accelerator, model: torch.nn.Module, tokenizer,
         if step_weight > 0:  # a step whose samples all weigh 0 carries no signal: no Adam move either
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        totals = accelerator.reduce(sums, reduction="sum").cpu().tolist()
+        # One decision for every process whether a resume save is due (the save holds collectives):
+        # each process's clock rides on the step's reduction, and any one that is due makes all save.
+        due = time.monotonic() - last_save >= resume_every_s
+        sums = torch.cat([sums, torch.tensor([float(due)], dtype=sums.dtype, device=sums.device)])
+        *totals, due_anywhere = accelerator.reduce(sums, reduction="sum").cpu().tolist()
         if accelerator.is_main_process:  # tokens of every process: the step's rate is the run's
             worklog.add("train", int(totals[-1]), time.perf_counter() - step_started)
         progress["step"] += 1
@@ -658,7 +662,7 @@ def run_training(recipe: Recipe, accelerator, model: torch.nn.Module, tokenizer,
                                   **extra, "tokens_per_s": round(tokens_per_s, 1)})
             window, window_start = [], time.monotonic()
         final = recipe.total_steps is not None and progress["step"] == recipe.total_steps
-        if not final and decide_on_rank0(accelerator, time.monotonic() - last_save >= resume_every_s):
+        if not final and due_anywhere > 0:
             save_resume_state(accelerator, state_dir, progress)
             last_save = time.monotonic()
         if after_step is not None:

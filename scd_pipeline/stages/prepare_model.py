@@ -27,6 +27,8 @@ from scd_pipeline.engine.config import write_effective_config
 from scd_pipeline.engine.io import atomic_dir, read_json, sha256_file, write_json
 from scd_pipeline.engine.locking import Artifact
 from scd_pipeline.engine.models import (
+    TEACHER_SOURCE,
+    TINY_SOURCE,
     check_model_dir,
     first_line,
     from_pretrained,
@@ -41,8 +43,6 @@ from scd_pipeline.engine.tokenization import (
 from scd_pipeline.errors import ModelError
 
 ROLES = ("teacher", "student")
-TINY_SOURCE = "tiny:llama"
-TEACHER_SOURCE = "teacher_base"
 MANIFEST_NAME = "model_manifest.json"
 CONVERSION_RECORD = "conversion.json"
 

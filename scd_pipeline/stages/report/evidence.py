@@ -156,10 +156,6 @@ class TaskEvidence:
         evidence = self.metrics.get(key, {}).get(metric)
         return evidence.interval if evidence is not None else None
 
-    def difference(self, key: str, reference: str, metric: str) -> Interval | None:
-        a, b = self.metrics.get(key, {}).get(metric), self.metrics.get(reference, {}).get(metric)
-        return difference(self.bootstrap, a, b) if a is not None and b is not None else None
-
 
 def gather_evidence(eval_dir: Path, models: Sequence[EvaluatedModel], kind: str, metrics: Sequence[str],
                     task: str, seed: int, resamples: int, confidence: float,

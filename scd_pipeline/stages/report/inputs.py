@@ -422,14 +422,16 @@ def gather_inputs(config: dict, details: bool = True) -> ReportInputs:
                 curricula[name] = read_json(folder / CURRICULUM_FILE)
     subdomain_summary, subdomain_table = read_subdomains(root)
     ioa_plan, synthesis = read_ioa(root)
+    differences = differences_frame(evidence, metrics, primary) if evidence is not None else None
     inputs = ReportInputs(
         config=config, root=root, rows=rows, kind=kind, metrics=metrics, primary=primary,
-        frame=results_frame(rows, metrics, primary, evidence), checkpoints=checkpoints, best_index=best_index,
+        frame=results_frame(rows, metrics, primary, evidence, differences), checkpoints=checkpoints,
+        best_index=best_index,
         teacher_tests=teacher_tests, schedules=schedules, subdomain_summary=subdomain_summary,
         subdomain_table=subdomain_table, shares=sfs_shares(subdomain_summary, subdomain_table), evidence=evidence,
         curricula=curricula, ioa_plan=ioa_plan, synthesis=synthesis)
     if evidence is not None:
-        inputs.differences = differences_frame(evidence, metrics, primary)
+        inputs.differences = differences
         if details:
             inputs.tag_evidence = tag_intervals(evidence, inputs.tag_metric, config["seed"])
             inputs.outcomes = outcome_frame(evidence, config["seed"])

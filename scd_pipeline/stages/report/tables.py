@@ -16,7 +16,6 @@ from scd_pipeline.stages.report.evidence import (
     DIFFERENCE_COLUMNS,
     REFERENCES,
     TaskEvidence,
-    differences_frame,
 )
 from scd_pipeline.stages.report.render import as_float
 
@@ -56,18 +55,17 @@ class ModelRow:
         return f"eval/{self.eval_name}.json"
 
 
-
-
 def results_frame(rows: Sequence[ModelRow], metrics: Sequence[str], primary: str,
-                  evidence: TaskEvidence | None = None) -> pd.DataFrame:
+                  evidence: TaskEvidence | None = None, deltas: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per model (the content of summary.csv).
 
     Columns: ``model, role, eval_name, status`` (ok / not run), ``split, n, seeds``, each metric
     (and ``loss``, the mean gold NLL) with ``{metric}_low`` / ``_high`` (its interval) and, for
     replicated rows, ``_sd`` / ``_min`` / ``_max`` over seeds; ``gap_{metric}`` (row - T*; empty
     for the teacher and rows without results); for each reference r in teacher, sft, td
-    ``delta_{metric}_vs_{r}`` with ``_low``, ``_high`` and ``_resolved`` (interval excludes 0);
-    and ``best`` (the best student, see the module docstring).
+    ``delta_{metric}_vs_{r}`` with ``_low``, ``_high``, ``_p``, ``_family``, ``_p_adjusted`` and
+    ``_resolved`` (from ``deltas``, :func:`evidence.differences_frame`); and ``best`` (the highest
+    test estimate among the students, see the module docstring).
     """
     shown = [*metrics, "loss"]
     records = []
@@ -97,7 +95,6 @@ def results_frame(rows: Sequence[ModelRow], metrics: Sequence[str], primary: str
         reference = teacher[metric].iloc[0] if len(teacher) else float("nan")
         gap = frame[metric] - reference
         frame[f"gap_{metric}"] = gap.where(frame["role"] != "teacher")
-    deltas = differences_frame(evidence, metrics, primary) if evidence else None
     for metric in metrics:
         for reference in REFERENCES:
             prefix = f"delta_{metric}_vs_{reference}"
