@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_JMED = REPO_ROOT.parent / "shared" / "data" / "jmed-llm"
+
+# The SLURM executor plugin runs `scontrol show config` whenever Snakemake starts (to word a help
+# text). With SLURM's client installed but no controller up (this machine, except during the SLURM
+# test) that call waits ~9 s per Snakemake start, ~20 starts in the suite. Every test but the SLURM
+# one finds first on PATH an `scontrol` that fails at once, as where no controller answers: the
+# plugin words its help without MinJobAge, nothing else changes. tests/test_slurm.py runs with
+# REAL_PATH.
+REAL_PATH = os.environ.get("PATH", "")
+_NO_SLURM_PROBE = Path(tempfile.mkdtemp(prefix="scd-tests-no-slurm-probe-"))
+(_NO_SLURM_PROBE / "scontrol").write_text("#!/bin/sh\nexit 1\n")
+(_NO_SLURM_PROBE / "scontrol").chmod(0o755)
+os.environ["PATH"] = f"{_NO_SLURM_PROBE}{os.pathsep}{REAL_PATH}"
+atexit.register(shutil.rmtree, _NO_SLURM_PROBE, ignore_errors=True)
 
 # Tests never reach a hub; keep CPU runs small and repeatable.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import REAL_PATH
 from tiny_workflow import tiny_workflow_config
 
 pytestmark = pytest.mark.slurm
@@ -27,7 +28,7 @@ def run_snakemake(workdir: Path, config: Path, *extra: str) -> subprocess.Comple
     command = [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "-d", str(workdir),
                "--configfile", str(REPO / "config.yaml"), str(config), *extra]
     return subprocess.run(command, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "PATH": REAL_PATH})
 
 
 def output_structure(workdir: Path) -> list[str]:
@@ -47,12 +48,14 @@ def slurm():
     if not shutil.which("apt-get") and not shutil.which("slurmctld"):
         pytest.skip("SLURM cannot be installed here: no apt-get and no slurmctld")
     script = REPO / "scripts" / "slurm-local.sh"
-    started = subprocess.run(["bash", str(script), "start"], capture_output=True, text=True, timeout=600)
+    started = subprocess.run(["bash", str(script), "start"], capture_output=True, text=True, timeout=600,
+                             env={**os.environ, "PATH": REAL_PATH})
     try:
         assert started.returncode == 0, started.stdout + started.stderr
         yield
     finally:
-        subprocess.run(["bash", str(script), "stop"], capture_output=True, text=True, timeout=120)
+        subprocess.run(["bash", str(script), "stop"], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PATH": REAL_PATH})
 
 
 def test_workflow_runs_under_slurm_and_matches_a_local_run(slurm, tiny_reference, tmp_path):
