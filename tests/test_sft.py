@@ -16,10 +16,10 @@ from scd_pipeline.engine.batching import frame_batch
 from scd_pipeline.engine.checkpoints import best_checkpoint_index
 from scd_pipeline.engine.models import load_model
 from scd_pipeline.engine.scoring import mean_gold_nll, predict_split
+from scd_pipeline.engine.sharding import check_units
 from scd_pipeline.engine.tiny import byte_level_tokenizer, tiny_llama
 from scd_pipeline.engine.training import (
     CompletionLM,
-    check_fsdp_units,
     checkpoint_steps,
     cosine_warmup_factor,
     enable_activation_checkpointing,
@@ -158,6 +158,24 @@ def test_teacher_run_writes_evenly_spaced_checkpoints_with_their_validation(teac
         1e-2 * 0.5 * (1 + math.cos(6 * math.pi / 7)))
     assert (out / "sft.config.yaml").is_file()
     assert not sft_paths(config, "teacher").state.exists()  # resume state dropped when done
+
+
+def test_checkpoints_are_published_in_the_training_precision(teacher_run, tmp_path):
+    """Under bf16 autocast the published weights are bf16 (half an fp32 file); fp32 training
+    publishes fp32 (the module's teacher run)."""
+    results = write_choice_task(tmp_path)
+    config = tiny_config(results, **{**TEACHER_SETTINGS, "sft.precision": "bf16", "sft.teacher.epochs": 1,
+                                     "sft.teacher.n_checkpoints": 1, "sft.resume_every_minutes": 60})
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)  # one precision per process: the other tests' is fp32
+    try:
+        out = run_sft(config, "teacher")
+    finally:
+        AcceleratorState._reset_state(True)
+    assert {v.dtype for v in _weights(out / "ckpt-1").values()} == {torch.bfloat16}
+    assert {v.dtype for v in _weights(teacher_run[1] / "ckpt-1").values()} == {torch.float32}
+    assert load_model(out / "ckpt-1", dtype="float32", device="cpu")[0].dtype == torch.float32  # training reloads fp32
 
 
 def test_killed_teacher_run_resumes_to_the_same_weights(teacher_run, tmp_path, monkeypatch):
@@ -306,13 +324,13 @@ def test_a_model_whose_decoder_layers_are_not_fsdp_units_is_refused(tmp_path):
 
     model = tiny_llama(byte_level_tokenizer())
     with pytest.raises(ConfigError, match="FSDP made none of the 4 decoder layers .LlamaDecoderLayer. a unit"):
-        check_fsdp_units(model)
+        check_units(model)
     dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"file://{tmp_path / 'group'}")
     try:
         for layer in model.model.layers:
             fully_shard(layer)
         fully_shard(model)
-        assert check_fsdp_units(model) == 4
+        assert check_units(model) == 4
     finally:
         dist.destroy_process_group()
 

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from scd_pipeline.engine import worklog
+from scd_pipeline.engine import sharding, worklog
 from scd_pipeline.engine.batching import (
     Batch,
     completion_logits,
@@ -152,9 +152,11 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens:
     sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0,
                 "num_return_sequences": samples} if temperature > 0 else {"do_sample": False}
     started = time.perf_counter()
+    # a sharded model's processes decode in step until the last one is done (each forward gathers)
+    synced = sharding.several_processes() and sharding.is_sharded(model)
     output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                             max_new_tokens=max_new_tokens, eos_token_id=list(stop_ids),
-                            pad_token_id=pad_id, **sampling)
+                            pad_token_id=pad_id, synced_gpus=synced, **sampling)
     copies = samples if temperature > 0 else 1  # every row decodes until the batch's last one stops
     worklog.add("generate", int(attention_mask.sum()) * copies + output.shape[0] * (output.shape[1] - input_ids.shape[1]),
                 time.perf_counter() - started)

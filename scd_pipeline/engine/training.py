@@ -39,7 +39,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from scd_pipeline.engine import worklog
+from scd_pipeline.engine import sharding, worklog
 from scd_pipeline.engine.batching import (
     Batch,
     completion_logits,
@@ -226,23 +226,6 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def check_fsdp_units(model: torch.nn.Module) -> int:
-    """The number of decoder layers (the model's ``_no_split_modules`` classes) that are FSDP units;
-    a ConfigError when none is: FSDP would then gather the whole model at once (one unit) and its
-    activation checkpointing would wrap nothing."""
-    from torch.distributed.fsdp import FSDPModule
-
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    # fully_shard turns a layer's class into a subclass (FSDPLlamaDecoderLayer): look along its MRO
-    layers = [m for m in model.modules() if any(c.__name__ in names for c in type(m).__mro__)]
-    units = sum(isinstance(layer, FSDPModule) for layer in layers)
-    if not units:
-        raise ConfigError(f"FSDP made none of the {len(layers)} decoder layers ({', '.join(sorted(names)) or 'none named'}) "
-                          "a unit of its own; set fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP (or "
-                          "fsdp_transformer_layer_cls_to_wrap) in the accelerate config")
-    return units
-
-
 def per_sample_mean_nll(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     """Mean negative log-likelihood of each sample's completion tokens: (B,)."""
     token_nll = torch.nn.functional.cross_entropy(logits.float(), batch.target_ids, reduction="none")
@@ -254,13 +237,16 @@ def per_sample_mean_nll(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
 
 # --- resume state ------------------------------------------------------------------------------
 
-def save_resume_state(accelerator, state_dir: str | Path, progress: dict) -> Path:
-    """Save model, optimizer, RNG (accelerate) and ``progress`` as the new resume point.
+def save_resume_state(accelerator, state_dir: str | Path, progress: dict, wrapper: torch.nn.Module,
+                      optimizer) -> Path:
+    """Save model, optimizer, RNG and ``progress`` as the new resume point.
 
-    Every process writes into a temporary folder with a name they all know; once all have written,
-    the main process swaps it in for ``{state_dir}/latest``. A collective: every process calls it
-    at the same step (the loop reduces the processes' decisions into one). A kill at any moment leaves either the old or the new
-    state complete (``load_resume_state`` also looks at the swap's ``.old`` copy).
+    Every process writes into a temporary folder with a name they all know (a sharded model: its
+    own shards, ``sharding.save_sharded``; else accelerate's ``save_state``); once all have
+    written, the main process swaps it in for ``{state_dir}/latest``. A collective: every process
+    calls it at the same step (the loop reduces the processes' decisions into one). A kill at any
+    moment leaves either the old or the new state complete (``find_resume_state`` also looks at
+    the swap's ``.old`` copy).
     """
     state_dir = Path(state_dir)
     latest = state_dir / RESUME_DIR_NAME
@@ -269,7 +255,10 @@ def save_resume_state(accelerator, state_dir: str | Path, progress: dict) -> Pat
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging))
+    if sharding.is_sharded(wrapper):
+        sharding.save_sharded(staging, wrapper, optimizer, accelerator.process_index)
+    else:
+        accelerator.save_state(str(staging))
     accelerator.wait_for_everyone()  # every process has written its part before the folder moves
     if accelerator.is_main_process:
         write_json(staging / PROGRESS_FILE, progress)
@@ -281,6 +270,15 @@ def save_resume_state(accelerator, state_dir: str | Path, progress: dict) -> Pat
         shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return latest
+
+
+def publish_precision(state_dict: dict[str, Tensor], mixed_precision: str) -> dict[str, Tensor]:
+    """``state_dict`` with its floating-point tensors in bf16 when training ran under bf16 autocast
+    (``mixed_precision == "bf16"``); unchanged otherwise."""
+    if mixed_precision != "bf16":
+        return state_dict
+    return {name: value.to(torch.bfloat16) if value.is_floating_point() else value
+            for name, value in state_dict.items()}
 
 
 def decide_on_rank0(accelerator, value: Any) -> Any:
@@ -313,12 +311,15 @@ def read_resume_progress(state_dir: str | Path) -> dict | None:
     return None if found is None else read_json(found / PROGRESS_FILE)
 
 
-def restore_resume_state(accelerator, state_dir: str | Path) -> dict:
+def restore_resume_state(accelerator, state_dir: str | Path, wrapper: torch.nn.Module, optimizer) -> dict:
     """Load model, optimizer and RNG of the last resume state; return its progress."""
     found = find_resume_state(state_dir)
     if found is None:
         raise FileNotFoundError(f"{state_dir}: no complete resume state")
-    accelerator.load_state(str(found))
+    if sharding.is_sharded(wrapper):
+        sharding.load_sharded(found, wrapper, optimizer, accelerator.process_index)
+    else:
+        accelerator.load_state(str(found))
     return read_json(found / PROGRESS_FILE)
 
 
@@ -450,21 +451,28 @@ class LoopContext:
     def full_state_dict(self) -> dict[str, Tensor]:
         """The model's whole state dict, gathered from every process (a collective: call it on
         all processes; under FSDP the shards are assembled, under DDP it is each process's copy)."""
-        wrapped = self.accelerator.get_state_dict(self.wrapper)
+        if sharding.is_sharded(self.wrapper):
+            wrapped = sharding.full_state_dict(self.wrapper)
+        else:
+            wrapped = self.accelerator.get_state_dict(self.wrapper)
         return {name.removeprefix("model."): value for name, value in (wrapped or {}).items()}
 
     def save_model(self, target: Path, state_dict: dict[str, Tensor]) -> None:
-        """``save_pretrained`` of the model (or LoRA adapter) with a gathered ``state_dict``."""
-        self.model.save_pretrained(str(target), state_dict=state_dict)
+        """``save_pretrained`` of the model (or LoRA adapter) with a gathered ``state_dict``, in the
+        precision it trained in: bf16 under bf16 autocast (half an fp32 file: 16 GB, not 32, for an
+        8B checkpoint; every later stage computes in bf16 on a GPU), else fp32."""
+        self.model.save_pretrained(str(target), state_dict=publish_precision(state_dict, self.accelerator.mixed_precision))
 
     def decide_on_rank0(self, value: Any) -> Any:
         """Rank 0's ``value`` on every process (see :func:`decide_on_rank0`)."""
         return decide_on_rank0(self.accelerator, value)
 
     def no_grad(self, compute: Callable[[], Any]) -> Any:
-        """Run ``compute`` on the model in eval mode (autocast, no grad), then back to train mode."""
+        """Run ``compute`` on the model in eval mode (autocast, no grad), then back to train mode.
+        A sharded model's root weights are gathered meanwhile (``sharding.gathered_root``): every
+        process must call it at the same point."""
         self.model.eval()
-        with self.accelerator.autocast(), torch.no_grad():
+        with self.accelerator.autocast(), torch.no_grad(), sharding.gathered_root(self.wrapper):
             result = compute()
         self.model.train()
         return result
@@ -545,10 +553,16 @@ def run_training(recipe: Recipe, accelerator, model: torch.nn.Module, tokenizer,
     if settings.gradient_checkpointing:
         enable_activation_checkpointing(model)
     wrapper = CompletionLM(model)
-    optimizer = build_optimizer(wrapper, settings.lr, settings.weight_decay)
-    wrapper, optimizer = accelerator.prepare(wrapper, optimizer)
-    if getattr(accelerator, "is_fsdp2", False):
-        check_fsdp_units(accelerator.unwrap_model(wrapper).model)
+    if sharding.shards_below_accelerate(accelerator):  # accelerate would wrap DDP on CPU processes
+        sharding.shard(wrapper)
+        optimizer = accelerator.prepare(build_optimizer(wrapper, settings.lr, settings.weight_decay))
+    else:
+        optimizer = build_optimizer(wrapper, settings.lr, settings.weight_decay)
+        wrapper, optimizer = accelerator.prepare(wrapper, optimizer)
+    if sharding.is_sharded(wrapper):
+        units = sharding.check_units(accelerator.unwrap_model(wrapper).model)
+        if accelerator.is_main_process:
+            tqdm.write(f"{recipe.description}: FSDP: {units} decoder layers sharded over {processes} processes")
     unwrapped = accelerator.unwrap_model(wrapper).model
     log_path = state_dir / LOG_FILE
 
@@ -556,7 +570,7 @@ def run_training(recipe: Recipe, accelerator, model: torch.nn.Module, tokenizer,
     if saved is not None and saved["fingerprint"] == fingerprint:
         if accelerator.is_main_process:
             truncate_log(log_path, saved["step"])  # a damaged log stops the run before it resumes
-        progress = restore_resume_state(accelerator, state_dir)
+        progress = restore_resume_state(accelerator, state_dir, wrapper, optimizer)
         tqdm.write(f"{recipe.description}: resuming at step {progress['step']} from {state_dir}")
     else:
         if saved is not None:
@@ -663,7 +677,7 @@ def run_training(recipe: Recipe, accelerator, model: torch.nn.Module, tokenizer,
             window, window_start = [], time.monotonic()
         final = recipe.total_steps is not None and progress["step"] == recipe.total_steps
         if not final and due_anywhere > 0:
-            save_resume_state(accelerator, state_dir, progress)
+            save_resume_state(accelerator, state_dir, progress, wrapper, optimizer)
             last_save = time.monotonic()
         if after_step is not None:
             after_step(result)
