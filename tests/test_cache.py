@@ -388,6 +388,54 @@ def test_targets_check_the_student_batch_token_counts_and_ids(task_root):
         reader.targets(["demo-99999"])
 
 
+# --------------------------------------------------------------------------- the decoded copy
+
+def parquet_targets(path: Path, sample_ids: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The stored top-k ids, log-probs and tails of these samples, read with pandas."""
+    frame = pd.read_parquet(path).set_index("sample_id").loc[sample_ids]
+    ids = np.concatenate([np.stack(list(lists)) for lists in frame["topk_ids"]])
+    logprobs = np.concatenate([np.stack(list(lists)) for lists in frame["topk_logprobs"]]).astype(np.float32)
+    tails = np.concatenate(list(frame["tail_logmass"]))
+    return ids, logprobs, tails
+
+
+def test_targets_are_read_from_the_decoded_copy_in_any_batch_order(task_root, monkeypatch):
+    """Once opened, no Parquet row group is decompressed again: every batch, in any order, is
+    copied from the memory-mapped decoded arrays and equals what the file stores."""
+    path = task_root / "demo" / "logits" / "ckpt-1.parquet"
+    assert (task_root / "demo" / "logits" / "ckpt-1.decoded" / "identity.json").is_file()  # made by cache-logits
+    reader = logit_cache.open_task_cache(tiny_config(task_root), 1)
+
+    def no_row_group_reads(*args, **kwargs):
+        raise AssertionError("a row group was decoded again")
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", no_row_group_reads)
+    order = np.random.default_rng(0).permutation(reader.sample_ids).tolist()
+    for batch in (order[:3], order[3:9], order[9:], order[::-1]):
+        target = reader.targets(batch)
+        ids, logprobs, tails = parquet_targets(path, batch)
+        assert np.array_equal(target.ids.numpy(), ids.astype(np.int64))
+        assert np.array_equal(target.logprobs.numpy(), logprobs)
+        assert np.array_equal(target.tail_logmass.numpy(), tails)
+
+
+def test_a_stale_or_torn_decoded_copy_is_rebuilt(task_copy):
+    config = tiny_config(task_copy)
+    folder = task_copy / "demo" / "logits" / "ckpt-1.decoded"
+    expected = logit_cache.open_task_cache(config, 1).targets(["demo-00003", "demo-00010"])
+    uid = json.loads((task_copy / "demo" / "logits" / "ckpt-1.meta.json").read_text())["uid"]
+    for damage in ("torn", "stale"):
+        if damage == "torn":
+            (folder / "ids.npy").write_bytes((folder / "ids.npy").read_bytes()[:100])
+        else:
+            write_json(folder / "identity.json", {"uid": "another write", "rows": 0, "tokens": 0})
+        target = logit_cache.open_task_cache(config, 1).targets(["demo-00003", "demo-00010"])
+        assert json.loads((folder / "identity.json").read_text())["uid"] == uid
+        for name in ("ids", "logprobs", "tail_logmass"):
+            assert torch.equal(getattr(target, name), getattr(expected, name)), damage
+    assert not list(folder.parent.glob(".ckpt-1.decoded.*"))  # no staging folder left
+
+
 # --------------------------------------------------------------------------- atomic writing
 
 
@@ -411,6 +459,7 @@ def test_an_interrupted_write_leaves_nothing_under_the_final_name(task_copy, mon
     assert partial_sizes and partial_sizes[0] > 0  # row groups had been streamed to the temp file
     assert not (logits / "ckpt-1.parquet").exists() and not (logits / "ckpt-1.meta.json").exists()
     assert not list(logits.glob(".ckpt-1.parquet.*"))  # temp file removed
+    assert not (logits / "ckpt-1.decoded").exists()  # the old cache's decoded copy went with it
     assert (logits / "ckpt-2.parquet").exists()  # other checkpoints untouched
 
 

@@ -249,7 +249,8 @@ def test_cache_logits_removes_what_a_killed_run_left(task_copy):
     # What a cache-logits killed mid-write leaves (io.atomic_path names), found on the next start.
     logits = task_copy / "results/demo/logits"
     logits.mkdir(parents=True, exist_ok=True)
-    stale = [logits / ".ckpt-2.parquet.q8x_1c.tmp", logits / ".ckpt-2.meta.json.u2v9.tmp"]
+    stale = [logits / ".ckpt-2.parquet.q8x_1c.tmp", logits / ".ckpt-2.meta.json.u2v9.tmp",
+             logits / ".ckpt-2.decoded.5f3e.tmp"]
     other = logits / ".ckpt-1.parquet.a1b2.tmp"  # checkpoint 1's writer may be running
     for path in stale + [other]:
         path.write_bytes(b"PAR1 half written")
@@ -269,7 +270,7 @@ def test_stage_artifacts_follow_the_documented_layout(tmp_path):
     assert names("prepare-model", role="student") == [["models/student_base"]]
     assert names("sft", role="teacher") == [["demo/teacher"], ["demo/.state/sft-teacher"]]
     assert names("cache-logits", checkpoint=3) == [[
-        "demo/logits/ckpt-3.parquet", "demo/logits/ckpt-3.meta.json",
+        "demo/logits/ckpt-3.parquet", "demo/logits/ckpt-3.meta.json", "demo/logits/ckpt-3.decoded",
         "demo/logits/cache-logits.ckpt-3.config.yaml"]]
     assert names("evaluate", name="teacher-ckpt-1") == [[
         "demo/eval/teacher-ckpt-1.json", "demo/eval/teacher-ckpt-1.predictions.parquet"]]

@@ -16,7 +16,10 @@ Rows are written in inference order (samples sorted by length), streamed one row
 ``cache.rows_per_group`` samples at a time into a temporary file renamed at the end. The file
 carries its own identity in the Parquet key-value metadata (``scd_cache``: format version, k,
 dtypes, temperature, vocabulary, checkpoint, dataset fingerprint, a uid); the sidecar
-``ckpt-{k}.meta.json`` repeats it with the write's statistics. :func:`open_cache` refuses a cache
+``ckpt-{k}.meta.json`` repeats it with the write's statistics. Training reads targets in random
+batch order from ``ckpt-{k}.decoded/``, the top-k lists decoded once into flat memory-mapped arrays
+(:func:`decode_cache`; built when the cache is written, rebuilt when missing or stale).
+:func:`open_cache` refuses a cache
 whose sidecar disagrees with the file, whose column types are not the declared ones, or which does
 not serve the dataset, tokenizer, checkpoint or temperature it is asked for — before any work.
 """
@@ -25,9 +28,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -238,7 +242,8 @@ def write_logit_cache(model, tokenizer, frame: pd.DataFrame, out_path: str | Pat
     ``identity`` (tokenizer, dataset, checkpoint, split...) goes into the sidecar and the Parquet
     footer. At most one row group is held in memory. An older cache under these names is removed
     first and the new file appears under its final name only when complete, so a crash leaves
-    nothing there; the sidecar is written last. Returns the sidecar record (with ``tokens_per_second`` of the capture).
+    nothing there; the sidecar is written last, then the decoded copy the readers map. Returns the
+    sidecar record (with ``tokens_per_second`` of the capture).
     """
     import pyarrow.parquet as pq
 
@@ -267,6 +272,7 @@ def write_logit_cache(model, tokenizer, frame: pd.DataFrame, out_path: str | Pat
     # A previous cache under these names is stale from here on: a crash must leave no file there.
     sidecar.unlink(missing_ok=True)
     out_path.unlink(missing_ok=True)
+    shutil.rmtree(decoded_dir(out_path), ignore_errors=True)
     sample_ids = frame["sample_id"].to_numpy()
     pending: list[_CachedSample] = []
     rows = tokens = 0
@@ -292,18 +298,21 @@ def write_logit_cache(model, tokenizer, frame: pd.DataFrame, out_path: str | Pat
                  "capture_seconds": round(seconds, 3), "tokens_per_second": tokens / max(seconds, 1e-9),
                  "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     write_json(sidecar, meta)
+    decode_cache(out_path, meta, pq.ParquetFile(out_path))  # once here, not by each training process
     return meta
 
 
 # --------------------------------------------------------------------------- reading
 
 
-@dataclass
-class _DecodedGroup:
-    token_start: np.ndarray   # (rows + 1,) token offsets of the group's samples
-    ids: np.ndarray           # (tokens, k)
-    logprobs: np.ndarray      # (tokens, k)
-    tail: np.ndarray          # (tokens,)
+DECODED_FILES = ("ids", "logprobs", "tail", "token_start")
+
+
+def decoded_dir(parquet: str | Path) -> Path:
+    """``ckpt-{k}.parquet`` -> ``ckpt-{k}.decoded/`` beside it: the cache's top-k lists decoded
+    once into flat arrays that readers memory-map."""
+    parquet = Path(parquet)
+    return parquet.with_name(parquet.name.removesuffix(".parquet") + ".decoded")
 
 
 def _corrupt(path: Path, exc: Exception) -> DataError:
@@ -312,30 +321,105 @@ def _corrupt(path: Path, exc: Exception) -> DataError:
                      "delete it and re-run `scd-pipeline cache-logits`")
 
 
+def _load_decoded(folder: Path, meta: dict) -> dict[str, np.ndarray] | None:
+    """The memory-mapped arrays of ``folder`` if they are this cache's (same write ``uid``, whole),
+    else None."""
+    try:
+        if read_json(folder / "identity.json") != {"uid": meta["uid"], "rows": meta["rows"], "tokens": meta["tokens"]}:
+            return None
+        arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in DECODED_FILES}
+    except (OSError, ValueError, KeyError):
+        return None
+    tokens, k = int(meta["tokens"]), int(meta["k"])
+    shapes = {"ids": (tokens, k), "logprobs": (tokens, k), "tail": (tokens,), "token_start": (int(meta["rows"]) + 1,)}
+    return arrays if all(arrays[n].shape == shapes[n] for n in DECODED_FILES) else None
+
+
+def decode_cache(path: Path, meta: dict, parquet_file) -> dict[str, np.ndarray]:
+    """The cache's decoded arrays, memory-mapped: ``ids`` (tokens, k), ``logprobs`` (tokens, k, as
+    stored: fp16, fp32 or int8 codes), ``tail`` (tokens,) and ``token_start`` (rows + 1: each file
+    row's first token). Built on first use by one sequential pass over the row groups (each group
+    decompressed once), beside the Parquet file; later opens — every process of a run, every
+    checkpoint SCD reads — map the same pages, so a random-order batch reads exactly its samples'
+    tokens and the operating system shares them between processes. A folder of another write
+    (``uid``) or a torn one is rebuilt; two processes building at once both finish, one copy stays.
+    """
+    import pyarrow.compute as pc
+
+    folder = decoded_dir(path)
+    found = _load_decoded(folder, meta)
+    if found is not None:
+        return found
+    tokens, k = int(meta["tokens"]), int(meta["k"])
+    staging = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}.tmp")
+    staging.mkdir(parents=True)
+    try:
+        stored = np.dtype(np.uint8) if meta["dtype"] == "int8" else np.dtype(LOGPROB_DTYPES[meta["dtype"]])
+        out = {"ids": np.lib.format.open_memmap(staging / "ids.npy", "w+", np.dtype(meta["id_dtype"]), (tokens, k)),
+               "logprobs": np.lib.format.open_memmap(staging / "logprobs.npy", "w+", stored, (tokens, k)),
+               "tail": np.lib.format.open_memmap(staging / "tail.npy", "w+", np.float32, (tokens,))}
+        starts = [np.zeros(1, np.int64)]
+        at = 0
+        for group in range(parquet_file.num_row_groups):
+            try:
+                table = parquet_file.read_row_group(group, columns=["n_tokens", "topk_ids", "topk_logprobs",
+                                                                    "tail_logmass"])
+                counts = table.column("n_tokens").to_numpy()
+                ids = pc.list_flatten(pc.list_flatten(table.column("topk_ids"))).to_numpy()
+                logprobs = pc.list_flatten(pc.list_flatten(table.column("topk_logprobs"))).to_numpy()
+                tail = pc.list_flatten(table.column("tail_logmass")).to_numpy()
+            except Exception as exc:
+                raise _corrupt(path, exc) from exc
+            n = int(counts.sum())
+            if tail.size != n or ids.size != n * k or logprobs.size != ids.size or at + n > tokens:
+                raise DataError(f"{path}: row group {group} has inconsistent token lists; re-run cache-logits")
+            out["ids"][at:at + n] = ids.reshape(n, k)
+            out["logprobs"][at:at + n] = logprobs.reshape(n, k)
+            out["tail"][at:at + n] = tail
+            starts.append(at + np.cumsum(counts, dtype=np.int64))
+            at += n
+        if at != tokens:
+            raise DataError(f"{path}: {at} tokens in the file, {tokens} in its sidecar; re-run cache-logits")
+        for array in out.values():
+            array.flush()
+        del out
+        np.save(staging / "token_start.npy", np.concatenate(starts))
+        write_json(staging / "identity.json", {"uid": meta["uid"], "rows": meta["rows"], "tokens": tokens})
+        shutil.rmtree(folder, ignore_errors=True)  # another write's copy
+        try:
+            os.rename(staging, folder)
+        except OSError:  # another process put its copy there first
+            pass
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    found = _load_decoded(folder, meta)
+    if found is None:
+        raise DataError(f"{folder}: the decoded copy of {path.name} could not be written; check the disk and "
+                        "delete the folder")
+    return found
+
+
 class LogitCache:
     """An opened, verified cache file: per-sample scores and sparse targets by sample id.
 
-    Decoded row groups are kept in a small LRU (``max_groups``), so batches drawn from nearby
-    rows decode each group once.
+    Targets are read from the cache's decoded copy (:func:`decode_cache`, memory-mapped): a batch
+    costs the copy of its own tokens' top-k lists, in whatever order batches come.
     """
 
-    def __init__(self, path: Path, meta: dict, parquet_file, max_groups: int = 16) -> None:
+    def __init__(self, path: Path, meta: dict, parquet_file) -> None:
         self.path = path
         self.meta = meta
-        self._file = parquet_file
-        self._max_groups = max_groups
-        self._groups: OrderedDict[int, _DecodedGroup] = OrderedDict()
         try:
             head = parquet_file.read(columns=["sample_id", "n_tokens", "nll_sum", "nll_mean", "score"])
         except Exception as exc:
             raise _corrupt(path, exc) from exc
         self._stats = head.to_pandas()
-        group_rows = [parquet_file.metadata.row_group(g).num_rows for g in range(parquet_file.num_row_groups)]
-        self._group_of_row = np.repeat(np.arange(len(group_rows)), group_rows)
-        self._row_in_group = np.concatenate([np.arange(n) for n in group_rows]) if group_rows else np.zeros(0, int)
         self._row_of = pd.Index(self._stats["sample_id"])
         if not self._row_of.is_unique:
             raise DataError(f"{path}: sample_id repeats; the cache is corrupt, re-run cache-logits")
+        self._arrays = decode_cache(path, meta, parquet_file)
+        if not np.array_equal(np.diff(self._arrays["token_start"]), self._stats["n_tokens"].to_numpy()):
+            raise DataError(f"{decoded_dir(path)}: its token counts are not the cache's; delete it (it is rebuilt)")
 
     @property
     def k(self) -> int:
@@ -365,29 +449,6 @@ class LogitCache:
         """Completion tokens per requested sample."""
         return self._stats["n_tokens"].to_numpy()[self._rows(sample_ids)]
 
-    def _group(self, group: int) -> _DecodedGroup:
-        if group in self._groups:
-            self._groups.move_to_end(group)
-            return self._groups[group]
-        import pyarrow.compute as pc
-
-        try:
-            table = self._file.read_row_group(group, columns=["n_tokens", "topk_ids", "topk_logprobs", "tail_logmass"])
-            counts = table.column("n_tokens").to_numpy()
-            ids = pc.list_flatten(pc.list_flatten(table.column("topk_ids"))).to_numpy()
-            logprobs = pc.list_flatten(pc.list_flatten(table.column("topk_logprobs"))).to_numpy()
-            tail = pc.list_flatten(table.column("tail_logmass")).to_numpy()
-        except Exception as exc:
-            raise _corrupt(self.path, exc) from exc
-        if tail.size != counts.sum() or ids.size != tail.size * self.k or logprobs.size != ids.size:
-            raise DataError(f"{self.path}: row group {group} has inconsistent token lists; re-run cache-logits")
-        decoded = _DecodedGroup(np.concatenate([[0], np.cumsum(counts)]), ids.reshape(-1, self.k),
-                                decode_logprobs(logprobs, self.meta).reshape(-1, self.k), tail)
-        self._groups[group] = decoded
-        if len(self._groups) > self._max_groups:
-            self._groups.popitem(last=False)
-        return decoded
-
     def targets(self, sample_ids: Sequence[str], completion_lengths: Sequence[int] | None = None,
                 device: torch.device | str | None = None) -> SparseTarget:
         """Sparse teacher targets for ``sample_ids``, sample by sample and token by token: the
@@ -401,18 +462,15 @@ class LogitCache:
             bad = int(np.flatnonzero(counts != np.asarray(completion_lengths))[0])
             raise DataError(f"{self.path}: sample {sample_ids[bad]} has {counts[bad]} cached completion "
                             f"tokens but the batch has {completion_lengths[bad]}; the cache is stale")
-        ids, logprobs, tails = [], [], []
-        for row in rows:
-            group = self._group(int(self._group_of_row[row]))
-            position = int(self._row_in_group[row])
-            span = slice(group.token_start[position], group.token_start[position + 1])
-            ids.append(group.ids[span])
-            logprobs.append(group.logprobs[span])
-            tails.append(group.tail[span])
+        starts = self._arrays["token_start"]
+        spans = [slice(int(starts[row]), int(starts[row + 1])) for row in rows]
+        ids = np.concatenate([self._arrays["ids"][span] for span in spans]) if spans else np.zeros((0, self.k))
+        stored = np.concatenate([self._arrays["logprobs"][span] for span in spans]) if spans else np.zeros((0, self.k))
+        tails = np.concatenate([self._arrays["tail"][span] for span in spans]) if spans else np.zeros(0)
         return SparseTarget(
-            ids=torch.from_numpy(np.concatenate(ids).astype(np.int64)).to(device),
-            logprobs=torch.from_numpy(np.concatenate(logprobs).astype(np.float32)).to(device),
-            tail_logmass=torch.from_numpy(np.concatenate(tails).astype(np.float32)).to(device),
+            ids=torch.from_numpy(ids.astype(np.int64)).to(device),
+            logprobs=torch.from_numpy(decode_logprobs(stored, self.meta)).to(device),
+            tail_logmass=torch.from_numpy(tails.astype(np.float32)).to(device),
             vocab_size=self.vocab_size, temperature=float(self.meta["temperature"]))
 
 
@@ -547,8 +605,7 @@ def check_file_identity(path: Path, meta: dict, parquet_file) -> dict:
 
 def open_cache(path: str | Path, *, dataset_fingerprint: str | None = None, split: str | None = None,
                tokenizer: dict | None = None, checkpoint_dir: str | Path | None = None,
-               checkpoint_index: int | None = None, temperature: float | None = None,
-               max_groups: int = 16) -> LogitCache:
+               checkpoint_index: int | None = None, temperature: float | None = None) -> LogitCache:
     """Open a cache after checking it is whole and serves what the caller expects.
 
     Every expectation left as None is not checked. ``tokenizer`` is a
@@ -590,7 +647,7 @@ def open_cache(path: str | Path, *, dataset_fingerprint: str | None = None, spli
                             f"`scd-pipeline cache-logits --checkpoint {recorded.get('index', 'K')}`")
     if temperature is not None and float(meta.get("temperature", -1)) != float(temperature):
         raise _refuse(path, "temperature", meta.get("temperature"), temperature)
-    return LogitCache(path, meta, parquet_file, max_groups=max_groups)
+    return LogitCache(path, meta, parquet_file)
 
 
 def open_task_cache(config: dict, checkpoint: int, tokenizer=None, synthetic: bool = False) -> LogitCache:

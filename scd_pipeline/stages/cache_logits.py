@@ -11,6 +11,7 @@ from scd_pipeline.engine.logit_cache import (
     cache_path,
     checkpoint_identity,
     dataset_fingerprint_for,
+    decoded_dir,
     write_logit_cache,
 )
 from scd_pipeline.engine.tokenization import check_data_tokenizer, tokenizer_fingerprint
@@ -48,8 +49,9 @@ def cache_logits(config: dict, checkpoint: int, synthetic: bool = False) -> dict
 
 
 def artifacts(config: dict, *, checkpoint: int, synthetic: bool = False) -> list[Artifact]:
-    """What ``cache-logits --checkpoint K [--synthetic]`` writes: the cache, its metadata and config."""
+    """What ``cache-logits --checkpoint K [--synthetic]`` writes: the cache, its metadata, its
+    decoded copy and config."""
     logits = task_dir(config) / "logits" / ("synthetic" if synthetic else "")
     cache = logits / f"ckpt-{checkpoint}.parquet"
-    return [Artifact(cache, (cache, logits / f"ckpt-{checkpoint}.meta.json",
+    return [Artifact(cache, (cache, logits / f"ckpt-{checkpoint}.meta.json", decoded_dir(cache),
                              logits / f"cache-logits.ckpt-{checkpoint}.config.yaml"))]
