@@ -15,10 +15,12 @@ from scd_pipeline.cli import app
 from scd_pipeline.engine.config import load_config
 from scd_pipeline.engine.sizing import model_shape
 from scd_pipeline.math.sizing import (
+    Estimate,
     Hardware,
     ModelShape,
     cache_bytes_per_token,
     hours,
+    requested,
     training_gpu_memory,
 )
 
@@ -58,9 +60,18 @@ def test_memory_time_and_cache_size_by_hand():
     assert training_gpu_memory(shape, 2, False, 8, 2, False) == 16000 + 2000 + 2176 + 400
     hardware = Hardware(gpus=2, peak_tflops=100.0, utilisation=0.5)
     assert hours(2 * 100e12 * 0.5 * 3600, 2, hardware) == pytest.approx(1.0)
-    assert cache_bytes_per_token(50, 49_152) == 50 * (2 + 2) + 12   # uint16 ids
-    assert cache_bytes_per_token(128, 128_256) == 128 * (4 + 2) + 12  # int32 ids
+    # the Parquet bound (k ids, k fp16 log-probs, tail, offsets) plus the decoded copy (k ids, k log-probs, tail)
+    assert cache_bytes_per_token(50, 49_152) == 50 * (2 + 2) + 12 + 50 * (2 + 2) + 4      # uint16 ids
+    assert cache_bytes_per_token(128, 128_256) == 128 * (4 + 2) + 12 + 128 * (4 + 2) + 4  # int32 ids
 
+
+def test_what_a_job_requests_by_hand():
+    # host memory 100 GB x 1.25 = 125,000 MB over a 16,000 MB floor; 0.5 h x 60 x 2 + 15 = 75 minutes
+    big = Estimate("sft_teacher", 1, 4, 0.0, 0.5, 40.0, 100.0, 0.0)
+    assert requested(big, 16_000) == (125_000, 75)
+    # 2 GB x 1.25 = 2,500 MB is under the floor; 0.01 h -> ceil(1.2 + 15) = 17 minutes
+    small = Estimate("cache_logits", 10, 1, 0.0, 0.01, 3.0, 2.0, 0.0)
+    assert requested(small, 8_000) == (8_000, 17)
 
 @pytest.mark.parametrize("name", list(PUBLIC))
 def test_public_model_shapes_count_their_published_parameters(shapes, name, tmp_path):
@@ -97,8 +108,8 @@ def test_plan_of_the_paper_scale_config(shapes, tmp_path, monkeypatch):
     assert teacher["flops"] == pytest.approx(flops)
     assert teacher["hours"] == pytest.approx(flops / (4 * 989e12 * 0.4) / 3600)
     assert teacher["gpus"] == 4 and 30 < teacher["gpu_memory_gb"] < 45  # FSDP over 4, checkpointing
-    # 10 fp32 checkpoints (305 GB) and a resume state swapped (2 x 16 bytes x 7.6 B = 244 GB)
-    assert teacher["disk_gb"] == pytest.approx((10 * 4 + 32) * 7_615_616_512 / 1e9)
+    # 10 bf16 checkpoints (152 GB) and a resume state swapped (2 x 16 bytes x 7.6 B = 244 GB)
+    assert teacher["disk_gb"] == pytest.approx((10 * 2 + 32) * 7_615_616_512 / 1e9)
 
 
 def test_plan_without_data_or_a_prepared_embedded_model_says_what_to_give(tmp_path):

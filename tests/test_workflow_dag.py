@@ -5,6 +5,7 @@ Also the '/'-separated student names that replicates need."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -44,14 +45,14 @@ def planned(output: str) -> tuple[Counter, list[str]]:
     return jobs, shells
 
 
-def gpus_by_rule(output: str) -> dict[str, set[int]]:
-    """The ``gpu`` resource each rule's planned jobs request, from a dry run's job blocks."""
+def resource_by_rule(output: str, name: str = "gpu") -> dict[str, set[int]]:
+    """The resource ``name`` each rule's planned jobs request, from a dry run's job blocks."""
     found: dict[str, set[int]] = {}
     for block in re.split(r"\n(?=(?:local)?(?:rule|checkpoint) \w+:)", output):  # sft_teacher: a checkpoint
         rule = re.match(r"(?:local)?(?:rule|checkpoint) (\w+):", block)
-        gpu = re.search(r"resources: .*\bgpu=(\d+)", block)
-        if rule and gpu:
-            found.setdefault(rule.group(1), set()).add(int(gpu.group(1)))
+        value = re.search(rf"resources: .*\b{name}=(\d+)", block)
+        if rule and value:
+            found.setdefault(rule.group(1), set()).add(int(value.group(1)))
     return found
 
 
@@ -122,7 +123,8 @@ def test_distill_names_may_have_slash_separated_segments(tmp_path):
 def test_several_gpus_launch_training_with_one_process_per_gpu(tmp_path):
     output = dry_run_output(tmp_path / "ddp", "resources={gpus: 2}")
     # Only training asks the cluster for every GPU; caches and evaluations run one process on one.
-    gpus = gpus_by_rule(output)
+    gpus = resource_by_rule(output)
+    assert resource_by_rule(output, "runtime")["sft_teacher"] == {480}  # no data yet: the fixed values
     assert {rule: gpus[rule] for rule in ("sft_teacher", "sft_student", "distill")} == {
         "sft_teacher": {2}, "sft_student": {2}, "distill": {2}}
     assert gpus["cache_logits"] == gpus["evaluate"] == gpus["estimate_subdomains"] == {1}, gpus
@@ -138,6 +140,32 @@ def test_several_gpus_launch_training_with_one_process_per_gpu(tmp_path):
                for s in shells)
     _, shells = dry_run(tmp_path / "one", "resources={gpus: 1}")
     assert not any("accelerate" in s for s in shells)
+
+
+def test_on_gpus_the_rules_request_the_plans_memory_and_runtime_once_models_and_data_are_known(tmp_path):
+    """With the data prepared (its manifest) and the models' shapes readable, each job's mem_mb and
+    runtime are the plan's (engine/sizing.rule_resources); on a CPU, or before the data exists,
+    the rules' fixed values. Each of a training job's processes gets its share of the threads."""
+    from scd_pipeline.engine.sizing import PLANNED_RULES, rule_resources
+
+    data = tmp_path / "known" / "work" / "results" / "demo" / "data"
+    data.mkdir(parents=True)
+    manifest = {"split_sizes": {"train": 20_000, "val": 500, "test": 1_000},
+                "token_lengths": {"train": {"prompt": {"mean": 600.0}, "completion": {"mean": 175.0}}}}
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    output = dry_run_output(tmp_path / "known", "resources={gpus: 2}")
+    config = load_config(tmp_path / "known" / "tiny.yaml", {"results_dir": str(data.parents[1]), "resources.gpus": 2})
+    expected = rule_resources(config)
+    assert expected is not None
+    for rule in ("sft_teacher", "sft_student", "distill", "cache_logits", "estimate_subdomains"):
+        assert resource_by_rule(output, "mem_mb")[rule] == {expected[rule][0]}, rule
+        assert resource_by_rule(output, "runtime")[rule] == {expected[rule][1]}, rule
+    assert expected["sft_teacher"][1] != 480 and expected["sft_teacher"][0] == PLANNED_RULES["sft_teacher"][1]
+    _, shells = planned(output)
+    teacher = next(s for s in shells if " sft --role teacher" in s)
+    assert teacher.startswith("OMP_NUM_THREADS=$(( (") and "/ 2 ))" in teacher  # the job's threads over 2
+    cpu = dry_run_output(tmp_path / "known", "resources={gpus: 0}")
+    assert resource_by_rule(cpu, "runtime")["sft_teacher"] == {480}
 
 
 def test_curriculum_methods_add_the_ioa_stages_once_and_only_for_themselves(tmp_path):

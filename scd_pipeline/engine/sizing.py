@@ -14,8 +14,15 @@ from scd_pipeline.engine.models import (
     model_dir,
     select_layers,
 )
-from scd_pipeline.errors import DataError, ModelError
-from scd_pipeline.math.sizing import Estimate, Hardware, ModelShape, Workload, plan_estimates
+from scd_pipeline.errors import ConfigError, DataError, ModelError
+from scd_pipeline.math.sizing import (
+    Estimate,
+    Hardware,
+    ModelShape,
+    Workload,
+    plan_estimates,
+    requested,
+)
 
 
 def _source_config(config: dict, role: str):
@@ -110,3 +117,31 @@ def plan_run(config: dict, hardware: Hardware, work: Workload) -> tuple[ModelSha
         sft_checkpointing=sft["gradient_checkpointing"], distill_checkpointing=distill["gradient_checkpointing"],
         fsdp=uses_fsdp(config))
     return teacher, student, estimates
+
+
+# The Snakemake rules that take their resources from the plan: rule -> (the estimate of the work it
+# does, its fixed host-memory floor in MB: what it requests on a CPU or before the plan is known).
+PLANNED_RULES = {
+    "sft_teacher": ("sft_teacher", 16000),
+    "sft_student": ("sft_student", 16000),
+    "distill": ("distill", 16000),
+    "cache_logits": ("cache_logits", 8000),
+    "cache_logits_synthetic": ("cache_logits", 8000),
+    "estimate_subdomains": ("estimate_subdomains", 8000),
+    "estimate_subdomains_synthetic": ("estimate_subdomains", 8000),
+    "evaluate": ("evaluate (T*, base teacher)", 8000),
+}
+
+
+def rule_resources(config: dict) -> dict[str, tuple[int, int]] | None:
+    """Per planned rule, ``(mem_mb, runtime minutes)`` a job requests on GPUs (``requested``), from
+    the plan of this config; None while the models' shapes or the prepared data cannot be read yet
+    (the rules then request their fixed values; Snakemake evaluates again when a job is ready, its
+    inputs made)."""
+    try:
+        work = workload(config)
+        _, _, estimates = plan_run(config, Hardware(gpus=max(config["resources"]["gpus"], 1)), work)
+    except (ConfigError, DataError, ModelError, OSError, ValueError, KeyError):  # not known (yet), or unreadable
+        return None
+    by_name = {e.rule: e for e in estimates}
+    return {rule: requested(by_name[estimate], floor) for rule, (estimate, floor) in PLANNED_RULES.items()}

@@ -12,20 +12,27 @@ Every figure is an estimate from counts, not a measurement, and says what it lea
   framework's buffers come on top (count 10-20%).
 - host memory: every training process loads the model in fp32 on the CPU before it moves it to
   its GPU (4 bytes per parameter each); inference materialises bf16 (2 bytes per parameter).
-- disk: published checkpoints and students in fp32 (4 bytes per parameter), the resume state of a
-  training run (16 bytes per parameter, twice while it is swapped), caches at most k x (id bytes +
-  2) + 12 bytes per completion token before compression (measured 102-148 at k = 50, V = 49,152).
+- disk: published checkpoints and students in the training precision, bf16 on a GPU (2 bytes per
+  parameter), the resume state of a training run (16 bytes per parameter in all, each process
+  saving its own shards, twice while it is swapped), caches: the Parquet file at most k x (id bytes
+  + 2) + 12 bytes per completion token before compression (measured 102-148 at k = 50, V = 49,152)
+  and its decoded copy that training memory-maps, k x (id bytes + 2) + 4 bytes per token.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 GB = 1e9
 STATE_BYTES = 16          # per trained parameter: fp32 weights, gradients, AdamW m and v
+PUBLISHED_BYTES = 2       # per parameter of a published checkpoint or student: bf16
 ACTIVATION_FACTOR = 34    # bytes per token, layer and hidden unit in bf16 without checkpointing
 CHECKPOINTED_FACTOR = 2   # what activation checkpointing keeps per layer: its bf16 input
 LOGIT_BUFFERS = 5         # fp32 (tokens, V) tensors alive at the loss
+MEMORY_MARGIN = 1.25      # host memory a job requests over its estimate
+RUNTIME_MARGIN = 2.0      # runtime a job requests over its FLOP estimate (generation is not counted)
+START_MINUTES = 15        # loading, saving and start-up on top of the compute
 
 
 @dataclass(frozen=True)
@@ -97,9 +104,10 @@ def inference_gpu_memory(shape: ModelShape, batch_tokens: float, batch_completio
 
 
 def cache_bytes_per_token(top_k: int, vocab: int) -> int:
-    """Upper bound before compression: k ids and k fp16 log-probs, the tail mass, offsets."""
+    """The Parquet file's upper bound before compression (k ids and k fp16 log-probs, the tail
+    mass, offsets) plus the decoded copy (the same lists uncompressed, the tail mass)."""
     id_bytes = 2 if vocab <= 1 << 16 else 4
-    return top_k * (id_bytes + 2) + 12
+    return top_k * (id_bytes + 2) + 12 + top_k * (id_bytes + 2) + 4
 
 
 def plan_estimates(teacher: ModelShape, student: ModelShape, work: Workload, hardware: Hardware, *,
@@ -130,12 +138,21 @@ def plan_estimates(teacher: ModelShape, student: ModelShape, work: Workload, har
     cache_disk = work.train_rows * work.completion_tokens * cache_bytes_per_token(top_k, teacher.vocab)
     return [
         train("sft_teacher", teacher, teacher_epochs, 1, sft_batch, sft_checkpointing,
-              checkpoints * 4 * teacher.params, validation),
-        train("sft_student", student, student_epochs, 1, sft_batch, sft_checkpointing, 4 * student.params),
+              checkpoints * PUBLISHED_BYTES * teacher.params, validation),
+        train("sft_student", student, student_epochs, 1, sft_batch, sft_checkpointing, PUBLISHED_BYTES * student.params),
         score("cache_logits", teacher, work.train_rows, checkpoints, cache_disk),
         score("estimate_subdomains", student, work.train_rows, 1, 0.0),
         train("distill", student, phases * epochs_per_phase, students, distill_batch, distill_checkpointing,
-              4 * student.params),
+              PUBLISHED_BYTES * student.params),
         score("evaluate (T*, base teacher)", teacher, work.test_rows, 2, 0.0),
         score("evaluate (students)", student, work.test_rows, 1 + students, 0.0),
     ]
+
+
+def requested(estimate: Estimate, floor_mem_mb: int) -> tuple[int, int]:
+    """What one job of a rule asks its scheduler for on GPUs: host memory in MB (the estimate x
+    ``MEMORY_MARGIN``, never below the rule's fixed ``floor_mem_mb``) and runtime in minutes
+    (the FLOP estimate x ``RUNTIME_MARGIN`` + ``START_MINUTES``)."""
+    mem_mb = max(floor_mem_mb, math.ceil(estimate.host_memory_gb * MEMORY_MARGIN * 1000))
+    runtime = math.ceil(estimate.hours * 60 * RUNTIME_MARGIN + START_MINUTES)
+    return mem_mb, runtime

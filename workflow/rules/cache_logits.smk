@@ -21,8 +21,8 @@ rule cache_logits:
         TASK_DIR + "/benchmarks/cache_logits_{k}.tsv"
     threads: JOB_THREADS
     resources:
-        mem_mb=8000,
-        runtime=120,
+        mem_mb=planned_mem_mb("cache_logits"),
+        runtime=planned_runtime("cache_logits", 120),
         gpu=GPUS_ONE,
     shell:
         "OMP_NUM_THREADS={threads} {SCD} cache-logits --checkpoint {wildcards.k} "
@@ -51,8 +51,8 @@ rule cache_logits_synthetic:
         TASK_DIR + "/benchmarks/cache_logits_synthetic_{k}.tsv"
     threads: JOB_THREADS
     resources:
-        mem_mb=8000,
-        runtime=60,
+        mem_mb=planned_mem_mb("cache_logits_synthetic"),
+        runtime=planned_runtime("cache_logits_synthetic", 60),
         gpu=GPUS_ONE,
     shell:
         "OMP_NUM_THREADS={threads} {SCD} cache-logits --synthetic --checkpoint {wildcards.k} "

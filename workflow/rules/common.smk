@@ -38,6 +38,47 @@ def _job_threads() -> int:
 JOB_THREADS = _job_threads()
 
 
+def train_threads(threads: int) -> int:
+    """Threads of a training job: on a cluster, ``threads`` per process (one per GPU); on one
+    machine the job's threads, shared by its processes (``per_process_threads``)."""
+    return threads * GPUS if workflow.nodes and GPUS > 1 else threads
+
+
+# OMP_NUM_THREADS of each process of a training job: its threads over its processes, rounded up
+# (N processes with the job's whole count each would oversubscribe the cores N times). Shell
+# arithmetic, not a param: params are a rerun trigger, and --cores must not re-run training.
+TRAIN_OMP = "{threads}" if GPUS <= 1 else f"$(( ({{threads}} + {GPUS - 1}) / {GPUS} ))"
+
+
+# Host memory (mem_mb) and runtime (minutes) of the rules that run a model. With GPUs
+# (resources.gpus >= 1) they come from `scd-pipeline plan`'s estimates for this config
+# (engine/sizing.py: rule_resources) as soon as the models and the data are prepared: Snakemake
+# evaluates a job's resources again when it is ready to run. On a CPU, and before then, each rule
+# requests its fixed values. `--set-resources RULE:mem_mb=N RULE:runtime=M` overrides both.
+_PLANNED: dict = {}
+
+
+def _planned(rule_name: str) -> tuple[int, int] | None:
+    if GPUS < 1:
+        return None
+    if not _PLANNED:
+        from scd_pipeline.engine.sizing import rule_resources
+
+        _PLANNED.update(rule_resources(config) or {})
+    return _PLANNED.get(rule_name)
+
+
+def planned_mem_mb(rule_name: str):
+    from scd_pipeline.engine.sizing import PLANNED_RULES
+
+    fixed = PLANNED_RULES[rule_name][1]
+    return lambda wildcards, attempt: (_planned(rule_name) or (fixed, None))[0]
+
+
+def planned_runtime(rule_name: str, fixed: int):
+    return lambda wildcards, attempt: (_planned(rule_name) or (None, fixed))[1]
+
+
 def _scd_command() -> str:
     """How rules call the package.
 

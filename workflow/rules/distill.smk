@@ -68,11 +68,11 @@ rule distill:
         TASK_DIR + "/logs/distill_{student}.log",
     benchmark:
         TASK_DIR + "/benchmarks/distill_{student}.tsv"
-    threads: JOB_THREADS
+    threads: train_threads(JOB_THREADS)
     resources:
-        mem_mb=16000,
-        runtime=480,
+        mem_mb=planned_mem_mb("distill"),
+        runtime=planned_runtime("distill", 480),
         gpu=GPUS,
     shell:
-        "OMP_NUM_THREADS={threads} {TRAIN} distill --method '{params.method}' --name '{wildcards.student}' "
+        "OMP_NUM_THREADS=" + TRAIN_OMP + " {TRAIN} distill --method '{params.method}' --name '{wildcards.student}' "
         "--task {params.task} --config {CONFIG_FILE} --set seed={params.seed} > {log} 2>&1"

@@ -63,8 +63,8 @@ rule evaluate:
         TASK_DIR + "/benchmarks/evaluate_{name}.tsv"
     threads: JOB_THREADS
     resources:
-        mem_mb=8000,
-        runtime=60,
+        mem_mb=planned_mem_mb("evaluate"),
+        runtime=planned_runtime("evaluate", 60),
         gpu=GPUS_ONE,
     shell:
         "OMP_NUM_THREADS={threads} {SCD} evaluate --model {input.model} --name '{wildcards.name}' "

@@ -21,14 +21,14 @@ checkpoint sft_teacher:
         TASK_DIR + "/logs/sft_teacher.log",
     benchmark:
         TASK_DIR + "/benchmarks/sft_teacher.tsv"
-    threads: 4
+    threads: train_threads(4)
     priority: 1  # the critical path: it starts before the student SFT or the base evaluation may take a core
     resources:
-        mem_mb=16000,
-        runtime=480,
+        mem_mb=planned_mem_mb("sft_teacher"),
+        runtime=planned_runtime("sft_teacher", 480),
         gpu=GPUS,
     shell:
-        "OMP_NUM_THREADS={threads} {TRAIN} sft --role teacher --task {params.task} --config {CONFIG_FILE} > {log} 2>&1"
+        "OMP_NUM_THREADS=" + TRAIN_OMP + " {TRAIN} sft --role teacher --task {params.task} --config {CONFIG_FILE} > {log} 2>&1"
 
 
 rule sft_student:
@@ -46,10 +46,10 @@ rule sft_student:
         TASK_DIR + "/logs/sft_student.log",
     benchmark:
         TASK_DIR + "/benchmarks/sft_student.tsv"
-    threads: JOB_THREADS
+    threads: train_threads(JOB_THREADS)
     resources:
-        mem_mb=16000,
-        runtime=480,
+        mem_mb=planned_mem_mb("sft_student"),
+        runtime=planned_runtime("sft_student", 480),
         gpu=GPUS,
     shell:
-        "OMP_NUM_THREADS={threads} {TRAIN} sft --role student --task {params.task} --config {CONFIG_FILE} > {log} 2>&1"
+        "OMP_NUM_THREADS=" + TRAIN_OMP + " {TRAIN} sft --role student --task {params.task} --config {CONFIG_FILE} > {log} 2>&1"
