@@ -297,7 +297,7 @@ def plan_command(
 
     try:
         cfg = build_config(config, set_, task=task, results_dir=str(results_dir) if results_dir else None)
-        from scd_pipeline.engine.sizing import plan_run, workload
+        from scd_pipeline.engine.sizing import plan_run, rule_requests, workload
         from scd_pipeline.math.sizing import Hardware
 
         hardware = Hardware(gpus=gpus or max(cfg["resources"]["gpus"], 1), peak_tflops=peak_tflops,
@@ -309,7 +309,9 @@ def plan_command(
     if as_json:
         typer.echo(json.dumps({"hardware": dataclasses.asdict(hardware), "workload": dataclasses.asdict(work),
                                "teacher": dataclasses.asdict(teacher), "student": dataclasses.asdict(student),
-                               "rules": [dataclasses.asdict(e) for e in estimates]}, indent=2))
+                               "rules": [dataclasses.asdict(e) for e in estimates],
+                               "requests": {rule: {"mem_mb": mem, "runtime": minutes}
+                                            for rule, (mem, minutes) in rule_requests(estimates).items()}}, indent=2))
         return
     typer.echo(f"teacher {teacher.params / 1e9:.2f} B parameters ({teacher.layers} layers, head {teacher.vocab} rows); "
                f"student {student.params / 1e9:.2f} B ({student.layers} layers, head {student.vocab})")
@@ -322,6 +324,9 @@ def plan_command(
     for e in estimates:
         typer.echo(f"{e.rule:<28} {e.jobs:>4} {e.gpus:>4} {e.hours:>8.2f} {e.total_gpu_hours:>8.1f} "
                    f"{e.gpu_memory_gb:>7.1f} {e.host_memory_gb:>8.1f} {e.disk_gb:>8.1f}")
+    typer.echo("what each job of a Snakemake rule requests with resources.gpus >= 1 (mem_mb, runtime minutes; "
+               "--set-resources overrides):")
+    typer.echo("  " + ", ".join(f"{rule} {mem} MB {minutes} min" for rule, (mem, minutes) in rule_requests(estimates).items()))
 
 
 @app.command("estimate-subdomains")

@@ -262,7 +262,8 @@ def test_sfs_tfs_outcome_of_every_model_on_the_test_split(built):
     In NLL, TD (0.25, 0.5, 0.75, 1.0) - T* (1.0, 0.25, 0.25, 0.25) = (-0.75, 0.25, 0.5, 0.75):
     SFS part (-0.75 + 0.5) / 4 = -0.0625, TFS part (0.25 + 0.75) / 4 = 0.25."""
     _, root, _ = built
-    outcome = pd.read_csv(root / "sfs_tfs.csv")
+    everything = pd.read_csv(root / "sfs_tfs.csv")
+    outcome = everything[everything["versus"] == "teacher"]
     point = outcome.set_index(["eval_name", "partition", "tag", "quantity", "part"])["estimate"]
     assert point["td", "nll", "all", "score", "advantage_sfs"] == pytest.approx(0.0)
     assert point["td", "nll", "all", "score", "deficit_tfs"] == pytest.approx(-0.25)
@@ -288,8 +289,20 @@ def test_sfs_tfs_outcome_of_every_model_on_the_test_split(built):
     text = (root / "report.md").read_text(encoding="utf-8")
     section = text.split("## SFS / TFS outcome on the test split")[1].split("## Teacher checkpoints")[0]
     assert "### By per-sample NLL: SFT student < T*" in section and "SFS: 2 rows, TFS: 2 rows" in section
-    td = next(r for r in section.splitlines() if r.startswith("| TD "))
+    by_nll = section.split("### By per-sample NLL")[1]
+    td = next(r for r in by_nll.splitlines() if r.startswith("| TD "))
     assert [c.strip() for c in td.split("|")[2:4]] == ["1.000 [1.000, 1.000]", "0.500 [0.000, 1.000]"]
+    # Held out: T* is right on every row and the SFT student on one row of each tag, so the other
+    # row of a row's tag never favours the student: every row is TFS, and SCD+AW's TFS part minus
+    # TD's is its whole difference to TD, 0.5 - 0.75.
+    assert sizes.loc[("tag", "all"), ["sfs_rows", "tfs_rows"]].tolist() == [0, 4]
+    versus = everything[everything["versus"] != "teacher"].set_index(["eval_name", "versus", "part"])["estimate"]
+    assert versus["scd_aw", "td", "deficit_tfs"] == pytest.approx(-0.25)
+    assert versus["scd_aw", "td", "advantage_sfs"] == pytest.approx(0.0)
+    assert versus["td", "sft", "deficit_tfs"] == pytest.approx(0.75 - 0.5)
+    assert ("td", "td", "gap") not in versus.index  # TD is not compared with itself
+    held_out = section.split("### By the other rows of each tag (held out)")[1].split("### By per-sample NLL")[0]
+    assert "TFS part − TD's" in held_out and "SFS: 0 rows, TFS: 4 rows" in held_out
 
 
 def test_per_tag_accuracy_and_schedule_tables(built):

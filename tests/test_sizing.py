@@ -5,6 +5,7 @@ and the command on the paper-scale config."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -110,6 +111,10 @@ def test_plan_of_the_paper_scale_config(shapes, tmp_path, monkeypatch):
     assert teacher["gpus"] == 4 and 30 < teacher["gpu_memory_gb"] < 45  # FSDP over 4, checkpointing
     # 10 bf16 checkpoints (152 GB) and a resume state swapped (2 x 16 bytes x 7.6 B = 244 GB)
     assert teacher["disk_gb"] == pytest.approx((10 * 2 + 32) * 7_615_616_512 / 1e9)
+    # what the rules request: the teacher SFT's host memory (4 processes x 4 bytes x 7.6 B) x 1.25
+    assert plan["requests"]["sft_teacher"] == {"mem_mb": math.ceil(4 * 4 * 7_615_616_512 / 1e9 * 1.25 * 1000),
+                                               "runtime": math.ceil(teacher["hours"] * 60 * 2 + 15)}
+    assert "sft_teacher 152313 MB" in result.output
 
 
 def test_plan_without_data_or_a_prepared_embedded_model_says_what_to_give(tmp_path):

@@ -143,5 +143,10 @@ def rule_resources(config: dict) -> dict[str, tuple[int, int]] | None:
         _, _, estimates = plan_run(config, Hardware(gpus=max(config["resources"]["gpus"], 1)), work)
     except (ConfigError, DataError, ModelError, OSError, ValueError, KeyError):  # not known (yet), or unreadable
         return None
+    return rule_requests(estimates)
+
+
+def rule_requests(estimates: list[Estimate]) -> dict[str, tuple[int, int]]:
+    """Per planned rule, ``(mem_mb, runtime minutes)`` from the plan's ``estimates``."""
     by_name = {e.rule: e for e in estimates}
     return {rule: requested(by_name[estimate], floor) for rule, (estimate, floor) in PLANNED_RULES.items()}

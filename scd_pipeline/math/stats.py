@@ -356,6 +356,26 @@ def sfs_outcome(bootstrap: PairedBootstrap, model: np.ndarray, teacher: np.ndarr
             for key in OUTCOME_PARTS}
 
 
+def leave_one_out_side(groups: np.ndarray, favour: np.ndarray) -> np.ndarray:
+    """Per row, student-favoured (True) iff the mean of ``favour`` over the *other* rows of its
+    group (tag) is > 0; a row alone in its group has none: teacher-favoured, like a tie.
+
+    ``favour`` is the SFT student's per-row edge over T* (score difference, or T*'s NLL minus the
+    student's). A row's own outcomes never decide its side, so a comparison restricted to a side
+    is not biased by the rows that put themselves there: on a split made from each row's own
+    outcomes, the SFT student is right on every SFS row by construction.
+    """
+    groups = np.asarray(groups)
+    favour = np.asarray(favour, dtype=np.float64)
+    _, index = np.unique(groups, return_inverse=True)
+    totals = np.bincount(index, weights=favour)
+    counts = np.bincount(index)
+    others = counts[index] - 1
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean_of_others = (totals[index] - favour) / others
+    return (others > 0) & (mean_of_others > 0)
+
+
 # --- power: test rows and seeds a difference needs ------------------------------------------------
 
 def _z_total(alpha: float, power: float) -> float:

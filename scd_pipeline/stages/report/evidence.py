@@ -40,6 +40,7 @@ from scd_pipeline.math.stats import (
     bootstrap_seed,
     difference,
     holm_adjusted,
+    leave_one_out_side,
     metric_evidence,
     paired_p_value,
     paired_row_variance,
@@ -50,6 +51,9 @@ from scd_pipeline.math.stats import (
 
 PREDICTION_REQUIRED = ("sample_id", "tag", "gold", "prediction")
 PARTITIONS = {"nll": "per-sample NLL: SFT student < T*", "correct": "correctness: SFT student's score > T*'s"}
+# The side decided without the row's own outcomes: by the other test rows of its tag.
+HELD_OUT_PARTITION = "tag"
+HELD_OUT_RULE = "the other test rows of its tag: the SFT student's mean score above T*'s (the row itself left out)"
 
 
 def score_metric(kind: str) -> str:
@@ -329,18 +333,26 @@ def sfs_partitions(evidence: TaskEvidence) -> dict[str, np.ndarray]:
     if "loss" in t_scores.per_row and "loss" in s_scores.per_row:
         out["nll"] = s_scores.per_row["loss"][:, 0] < t_scores.per_row["loss"][:, 0]
     out["correct"] = s_scores.per_row[score][:, 0] > t_scores.per_row[score][:, 0]
+    out[HELD_OUT_PARTITION] = leave_one_out_side(evidence.tags, s_scores.per_row[score].mean(axis=1)
+                                                 - t_scores.per_row[score][:, 0])
     return out
 
 
-OUTCOME_COLUMNS = ["key", "partition", "tag", "sfs_rows", "tfs_rows", "quantity", "part", "estimate",
+OUTCOME_COLUMNS = ["key", "versus", "partition", "tag", "sfs_rows", "tfs_rows", "quantity", "part", "estimate",
                    "low", "high", "resolved"]
+VERSUS_PARTS = ("gap", "advantage_sfs", "deficit_tfs")  # a method's parts minus a reference's
 
 
 def outcome_frame(evidence: TaskEvidence, seed: int) -> pd.DataFrame:
-    """Long table of every model's SFS/TFS outcome against T*: per partition (nll, correct), over
-    all rows and per tag, for the per-row score (and, on the NLL partition, the NLL itself)."""
+    """Long table of every model's SFS/TFS outcome against T* (``versus`` "teacher", descriptive):
+    per partition (nll, correct: in-sample; tag: held out), over all rows and per tag, for the
+    per-row score (and, on the NLL partition, the NLL itself). On the held-out partition also
+    every distilled method's parts minus TD's and minus the SFT student's (``versus`` "td" /
+    "sft"; the paper's claim is about these: SCD shrinks the TFS deficit, AW keeps the SFS
+    advantage), exploratory: ``resolved`` when the interval excludes 0."""
     partitions = sfs_partitions(evidence)
-    teacher = reference_keys(evidence).get("teacher")
+    references = reference_keys(evidence)
+    teacher = references.get("teacher")
     if not partitions or teacher is None:
         return pd.DataFrame(columns=OUTCOME_COLUMNS)
     score = score_metric(evidence.kind)
@@ -348,7 +360,23 @@ def outcome_frame(evidence: TaskEvidence, seed: int) -> pd.DataFrame:
     groups = [("all", np.ones(evidence.n, dtype=bool))] + [(t, evidence.tags == t) for t in sorted(set(evidence.tags))]
     for partition, sfs in partitions.items():
         quantities = [("score", score)] + ([("nll", "loss")] if partition == "nll" else [])
+        for versus in ("td", "sft"):
+            if partition != HELD_OUT_PARTITION or versus not in references:
+                continue
+            reference = evidence.scores[references[versus]].per_row[score].mean(axis=1)
+            for key, scores in evidence.scores.items():
+                if evidence.models[key].role != "distilled" or key == references[versus]:
+                    continue
+                parts = sfs_outcome(evidence.bootstrap, scores.per_row[score], reference, sfs)
+                for part in VERSUS_PARTS:
+                    interval = parts[part]
+                    records.append({"key": key, "versus": versus, "partition": partition, "tag": "all",
+                                    "sfs_rows": int(sfs.sum()), "tfs_rows": int((~sfs).sum()), "quantity": "score",
+                                    "part": part, "estimate": interval.estimate, "low": interval.low,
+                                    "high": interval.high, "resolved": interval.excludes_zero})
         for tag, mask in groups:
+            if partition == HELD_OUT_PARTITION and tag != "all":
+                continue  # every row of a tag is on one side of this split
             bootstrap = evidence.bootstrap if tag == "all" else PairedBootstrap(
                 int(mask.sum()), evidence.bootstrap.resamples,
                 bootstrap_seed(seed, f"{evidence.task}/tag/{tag}"), evidence.bootstrap.confidence)
@@ -360,7 +388,7 @@ def outcome_frame(evidence: TaskEvidence, seed: int) -> pd.DataFrame:
                     parts = sfs_outcome(bootstrap, scores.per_row[metric][mask], teacher_values, sfs[mask])
                     for part in OUTCOME_PARTS:
                         interval = parts[part]
-                        records.append({"key": key, "partition": partition, "tag": tag,
+                        records.append({"key": key, "versus": "teacher", "partition": partition, "tag": tag,
                                         "sfs_rows": int(sfs[mask].sum()), "tfs_rows": int((~sfs[mask]).sum()),
                                         "quantity": quantity, "part": part, "estimate": interval.estimate,
                                         "low": interval.low, "high": interval.high,

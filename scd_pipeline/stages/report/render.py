@@ -72,7 +72,7 @@ def _markdown_table(table: Table) -> list[str]:
     cells = [[f"**{c}**" if c and (i in table.bold_rows or (i, j) in table.bold_cells) else c
               for j, c in enumerate(row)] for i, row in enumerate(table.rows)]
     cells = [[c.replace("|", "\\|") for c in row] for row in cells]  # a bare | would split the cell
-    widths = [max(len(h), *(len(r[j]) for r in cells)) for j, h in enumerate(table.headers)]
+    widths = [max([len(h), *(len(r[j]) for r in cells)]) for j, h in enumerate(table.headers)]
     line = lambda row: "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |"  # noqa: E731
     return [line(table.headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)]
 

@@ -13,6 +13,8 @@ from scd_pipeline.engine.checkpoints import checkpoint_indices
 from scd_pipeline.engine.methods import method_label
 from scd_pipeline.math.stats import Interval
 from scd_pipeline.stages.report.evidence import (
+    HELD_OUT_PARTITION,
+    HELD_OUT_RULE,
     PARTITIONS,
     REFERENCE_LABELS,
     REFERENCES,
@@ -188,7 +190,8 @@ def per_tag_table(inputs: ReportInputs) -> Table:
 def outcome_table(inputs: ReportInputs, partition: str, tag: str = "all") -> Table:
     """The SFS/TFS outcome of every model on one partition (and tag) of the test rows."""
     part = inputs.outcomes
-    part = part[(part["partition"] == partition) & (part["tag"] == tag) & (part["quantity"] == "score")]
+    part = part[(part["partition"] == partition) & (part["tag"] == tag) & (part["quantity"] == "score")
+                & (part["versus"] == "teacher")]
     labels = {row.eval_name: (row.label, row.role) for row in inputs.rows}
     score = METRIC_LABELS[score_metric(inputs.kind)]
     headers = ["Model", f"{score} on SFS", f"{score} on TFS", "Δ vs T*", "= SFS part (advantage)",
@@ -205,7 +208,8 @@ def outcome_table(inputs: ReportInputs, partition: str, tag: str = "all") -> Tab
 
 def outcome_tag_table(inputs: ReportInputs, partition: str) -> Table:
     part = inputs.outcomes
-    part = part[(part["partition"] == partition) & (part["tag"] != "all") & (part["quantity"] == "score")]
+    part = part[(part["partition"] == partition) & (part["tag"] != "all") & (part["quantity"] == "score")
+                & (part["versus"] == "teacher")]
     labels = {row.eval_name: (row.label, row.role) for row in inputs.rows}
     rows = []
     for (tag, key), group in part.groupby(["tag", "key"], sort=False):
@@ -217,6 +221,28 @@ def outcome_tag_table(inputs: ReportInputs, partition: str) -> Table:
         rows.append([f"{tag} ({first['sfs_rows']} / {first['tfs_rows']})", label,
                      *[fmt_interval(cells[p], signed=True) for p in ("gap", "advantage_sfs", "deficit_tfs")]])
     return Table(["Tag (SFS / TFS rows)", "Model", "Δ vs T*", "= SFS part", "+ TFS part"], rows)
+
+
+def versus_table(inputs: ReportInputs) -> Table:
+    """On the held-out split, each distilled method's SFS and TFS parts minus TD's and minus the
+    SFT student's (score), with their intervals; exploratory marks."""
+    part = inputs.outcomes
+    part = part[(part["partition"] == HELD_OUT_PARTITION) & (part["versus"] != "teacher")]
+    labels = {row.eval_name: row.label for row in inputs.rows}
+    columns = [(versus, side) for versus in ("td", "sft") for side in ("advantage_sfs", "deficit_tfs")]
+    names = {"advantage_sfs": "SFS part", "deficit_tfs": "TFS part"}
+    headers = ["Model", *[f"{names[side]} − {REFERENCE_LABELS[versus]}'s" for versus, side in columns]]
+    rows = []
+    for key, group in part.groupby("key", sort=False):
+        cells = {(r["versus"], r["part"]): r for r in group.to_dict("records")}
+        row = [labels.get(key, key)]
+        for column in columns:
+            record = cells.get(column)
+            row.append("—" if record is None else
+                       fmt_interval(Interval(record["estimate"], record["low"], record["high"]), signed=True)
+                       + (EXPLORATORY_MARK if record["resolved"] else ""))
+        rows.append(row)
+    return Table(headers, rows)
 
 
 def checkpoint_table(checkpoints: dict, best: int, test_metric: dict[int, Interval],
@@ -347,15 +373,35 @@ def outcome_blocks(inputs: ReportInputs) -> list[Block]:
                                "SFT student (eval/teacher-ckpt-{k}.predictions.parquet, "
                                "eval/student_sft.predictions.parquet).")]
     score = METRIC_LABELS[score_metric(inputs.kind)]
-    blocks.append(("p", f"Test rows split by the SFT student against T* (SPEC 4.2). Per model: its {score} "
+    blocks.append(("p", f"Test rows split by the SFT student against T* (SPEC 4.2), first without and then "
+                        f"with each row's own outcomes. Per model: its {score} "
                         "on student-favoured (SFS) and teacher-favoured (TFS) rows, and its difference to "
                         "T*, Δ = R(model) − R(T*) = SFS part + TFS part (each the mean over all rows of the "
-                        "per-row difference restricted to one side). Descriptive only, and no part is tested "
-                        "against 0: the sides are drawn from T*'s and the SFT student's own outcomes on these "
+                        "per-row difference restricted to one side). The splits by NLL and by correctness "
+                        "(SPEC 4.2 as written) are descriptive only, and no part is tested "
+                        "against 0: their sides are drawn from T*'s and the SFT student's own outcomes on these "
                         "rows, so the parts lean by construction (by correctness T* is wrong on every SFS row, "
                         "so every model's SFS part is at least 0), and the split favours students whose errors "
                         "resemble the SFT student's. Every part per tag and the same split for the NLL are in "
                         "`sfs_tfs.csv`."))
+    held_out = inputs.outcomes[inputs.outcomes["partition"] == HELD_OUT_PARTITION]
+    if not held_out.empty:
+        first = held_out.iloc[0]
+        blocks += [("h3", "By the other rows of each tag (held out)"),
+                   ("p", f"Here a row's side is decided by {HELD_OUT_RULE}: its own outcomes never put it "
+                         f"there. SFS: {first['sfs_rows']} rows, TFS: {first['tfs_rows']} rows (of "
+                         f"{first['sfs_rows'] + first['tfs_rows']}). The paper's claim is a difference between "
+                         "methods within a side: SCD shrinks the TFS deficit (its TFS part above TD's) and AW "
+                         "keeps the SFS advantage (its SFS part not below the SFT student's). The second table "
+                         "gives each distilled method's parts minus TD's and minus the SFT student's (each part "
+                         "a mean over all test rows, so the two parts of a row add up to the whole difference). "
+                         f"Exploratory: {EXPLORATORY_MARK} marks an interval that excludes 0 on its own, with "
+                         "no adjustment for the number of cells. When every row of the test split carries one "
+                         "tag, every row is on one side and the parts are the whole differences."),
+                   ("table", outcome_table(inputs, HELD_OUT_PARTITION))]
+        versus = versus_table(inputs)
+        blocks.append(("table", versus) if versus.rows else
+                      ("p", "No part differences: they need TD or the SFT student and another distilled method."))
     for partition, rule in PARTITIONS.items():
         part = inputs.outcomes[(inputs.outcomes["partition"] == partition) & (inputs.outcomes["tag"] == "all")]
         if part.empty:
