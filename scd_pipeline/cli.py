@@ -271,6 +271,26 @@ def cache_info_command(
                    "will be refused; re-run cache-logits)")
 
 
+@app.command("run-on-gpus", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def run_on_gpus_command(
+    context: typer.Context,
+    gpus: Annotated[int, typer.Option(help="GPUs this command needs.")] = 1,
+    of: Annotated[int, typer.Option(help="GPUs of this machine that the jobs share.")] = 1,
+    slots: Annotated[Path, typer.Option(help="Folder of the per-GPU lock files (one per machine and "
+                                              "results folder).")] = Path("results/.gpus"),
+) -> None:
+    """Run a command on GPUs no other job holds: wait until GPUS of the machine's OF are free,
+    set CUDA_VISIBLE_DEVICES to them and run the command given after --; the GPUs are free
+    again when it exits, however it ends. The workflow puts this before every job that uses a GPU
+    when resources.local_gpus is set (several GPUs on one machine, no SLURM)."""
+    try:
+        from scd_pipeline.engine.gpu_slots import run_on_gpus
+
+        run_on_gpus(gpus, of, slots, list(context.args))
+    except (ScdError, OSError) as exc:
+        _fail(str(exc) if isinstance(exc, ScdError) else f"run-on-gpus: {exc}")
+
+
 @app.command("plan")
 def plan_command(
     task: TaskOption = None,
@@ -615,7 +635,7 @@ def distill_command(
 
 # --help lists the stages in pipeline order, whatever order they are defined in above.
 PIPELINE_ORDER = ("init", "plan", "prepare-model", "prepare-data", "sft", "cache-logits", "cache-info",
-                  "estimate-subdomains", "ioa-plan", "synthesize", "distill", "evaluate", "report")
+                  "estimate-subdomains", "ioa-plan", "synthesize", "distill", "evaluate", "report", "run-on-gpus")
 app.registered_commands.sort(key=lambda command: PIPELINE_ORDER.index(command.name))
 
 

@@ -140,6 +140,13 @@ def test_several_gpus_launch_training_with_one_process_per_gpu(tmp_path):
                for s in shells)
     _, shells = dry_run(tmp_path / "one", "resources={gpus: 1}")
     assert not any("accelerate" in s for s in shells)
+    assert not any("run-on-gpus" in s for s in shells)  # every job sees every GPU unless local_gpus is set
+    # One machine with 4 GPUs, no SLURM: every job that runs a model waits for GPUs of its own.
+    _, shells = dry_run(tmp_path / "local", "resources={gpus: 2, local_gpus: 4}")
+    on = lambda s, n: f"run-on-gpus --gpus {n} --of 4 --slots results/.gpus -- " in s  # noqa: E731
+    assert all(on(s, 2) and "accelerate launch" in s for s in shells if " sft --role " in s or " distill " in s)
+    assert all(on(s, 1) for s in shells if " cache-logits " in s or " evaluate " in s or " estimate-subdomains " in s)
+    assert not any("run-on-gpus" in s for s in shells if " prepare-data " in s or " report " in s)
 
 
 def test_on_gpus_the_rules_request_the_plans_memory_and_runtime_once_models_and_data_are_known(tmp_path):

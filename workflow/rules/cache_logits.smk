@@ -25,7 +25,7 @@ rule cache_logits:
         runtime=planned_runtime("cache_logits", 120),
         gpu=GPUS_ONE,
     shell:
-        "OMP_NUM_THREADS={threads} {SCD} cache-logits --checkpoint {wildcards.k} "
+        "OMP_NUM_THREADS={threads} {ON_GPU}{SCD} cache-logits --checkpoint {wildcards.k} "
         "--task {params.task} --config {CONFIG_FILE} > {log} 2>&1"
 
 
@@ -55,5 +55,5 @@ rule cache_logits_synthetic:
         runtime=planned_runtime("cache_logits_synthetic", 60),
         gpu=GPUS_ONE,
     shell:
-        "OMP_NUM_THREADS={threads} {SCD} cache-logits --synthetic --checkpoint {wildcards.k} "
+        "OMP_NUM_THREADS={threads} {ON_GPU}{SCD} cache-logits --synthetic --checkpoint {wildcards.k} "
         "--task {params.task} --config {CONFIG_FILE} > {log} 2>&1"

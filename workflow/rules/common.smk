@@ -120,6 +120,20 @@ def _train_command() -> str:
 TRAIN = _train_command()
 
 
+def _on_gpus(count: int) -> str:
+    """The prefix that gives a job ``count`` GPUs of its own on one machine with several
+    (``resources.local_gpus``): ``scd-pipeline run-on-gpus`` waits until they are free and sets
+    CUDA_VISIBLE_DEVICES. Nothing on a cluster (SLURM assigns the GPUs it grants) or without GPUs."""
+    local = config["resources"]["local_gpus"]
+    if not local or count < 1 or workflow.nodes:
+        return ""
+    return f"{SCD} run-on-gpus --gpus {count} --of {local} --slots {RESULTS}/.gpus -- "
+
+
+ON_GPUS = _on_gpus(GPUS)      # a training job: all of its GPUs
+ON_GPU = _on_gpus(GPUS_ONE)   # every other job that runs a model: one
+
+
 def _config_file(settings: dict) -> str:
     """The path of the file that hands ``settings`` (configfile + --config, validated) to the CLI.
 

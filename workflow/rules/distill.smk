@@ -74,5 +74,5 @@ rule distill:
         runtime=planned_runtime("distill", 480),
         gpu=GPUS,
     shell:
-        "OMP_NUM_THREADS=" + TRAIN_OMP + " {TRAIN} distill --method '{params.method}' --name '{wildcards.student}' "
+        "OMP_NUM_THREADS=" + TRAIN_OMP + " {ON_GPUS}{TRAIN} distill --method '{params.method}' --name '{wildcards.student}' "
         "--task {params.task} --config {CONFIG_FILE} --set seed={params.seed} > {log} 2>&1"

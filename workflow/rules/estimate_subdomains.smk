@@ -25,7 +25,7 @@ rule estimate_subdomains:
         runtime=planned_runtime("estimate_subdomains", 60),
         gpu=GPUS_ONE,
     shell:
-        "OMP_NUM_THREADS={threads} {SCD} estimate-subdomains --task {params.task} --config {CONFIG_FILE} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} {ON_GPU}{SCD} estimate-subdomains --task {params.task} --config {CONFIG_FILE} > {log} 2>&1"
 
 
 rule estimate_subdomains_synthetic:
@@ -51,5 +51,5 @@ rule estimate_subdomains_synthetic:
         runtime=planned_runtime("estimate_subdomains_synthetic", 60),
         gpu=GPUS_ONE,
     shell:
-        "OMP_NUM_THREADS={threads} {SCD} estimate-subdomains --synthetic --task {params.task} "
+        "OMP_NUM_THREADS={threads} {ON_GPU}{SCD} estimate-subdomains --synthetic --task {params.task} "
         "--config {CONFIG_FILE} > {log} 2>&1"

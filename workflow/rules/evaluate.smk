@@ -67,5 +67,5 @@ rule evaluate:
         runtime=planned_runtime("evaluate", 60),
         gpu=GPUS_ONE,
     shell:
-        "OMP_NUM_THREADS={threads} {SCD} evaluate --model {input.model} --name '{wildcards.name}' "
+        "OMP_NUM_THREADS={threads} {ON_GPU}{SCD} evaluate --model {input.model} --name '{wildcards.name}' "
         "--task {params.task} --config {CONFIG_FILE} > {log} 2>&1"

@@ -25,4 +25,4 @@ rule ioa_plan:
         runtime=60,
         gpu=GPUS_ONE,
     shell:
-        "OMP_NUM_THREADS={threads} {SCD} ioa-plan --task {params.task} --config {CONFIG_FILE} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} {ON_GPU}{SCD} ioa-plan --task {params.task} --config {CONFIG_FILE} > {log} 2>&1"

@@ -28,7 +28,7 @@ checkpoint sft_teacher:
         runtime=planned_runtime("sft_teacher", 480),
         gpu=GPUS,
     shell:
-        "OMP_NUM_THREADS=" + TRAIN_OMP + " {TRAIN} sft --role teacher --task {params.task} --config {CONFIG_FILE} > {log} 2>&1"
+        "OMP_NUM_THREADS=" + TRAIN_OMP + " {ON_GPUS}{TRAIN} sft --role teacher --task {params.task} --config {CONFIG_FILE} > {log} 2>&1"
 
 
 rule sft_student:
@@ -52,4 +52,4 @@ rule sft_student:
         runtime=planned_runtime("sft_student", 480),
         gpu=GPUS,
     shell:
-        "OMP_NUM_THREADS=" + TRAIN_OMP + " {TRAIN} sft --role student --task {params.task} --config {CONFIG_FILE} > {log} 2>&1"
+        "OMP_NUM_THREADS=" + TRAIN_OMP + " {ON_GPUS}{TRAIN} sft --role student --task {params.task} --config {CONFIG_FILE} > {log} 2>&1"

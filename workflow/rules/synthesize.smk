@@ -27,4 +27,4 @@ rule synthesize:
         runtime=120,
         gpu=GPUS_ONE,
     shell:
-        "OMP_NUM_THREADS={threads} {SCD} synthesize --task {params.task} --config {CONFIG_FILE} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} {ON_GPU}{SCD} synthesize --task {params.task} --config {CONFIG_FILE} > {log} 2>&1"
