@@ -402,6 +402,9 @@ def sft_command(
     n_checkpoints: Annotated[int | None, typer.Option(
         help="Teacher checkpoints evenly spaced over the run (default: config "
         "sft.teacher.n_checkpoints).", show_default=False)] = None,
+    replicate: Annotated[int, typer.Option(
+        help="Student only: replicate S > 0 trains with seed = config seed + S into "
+        "{task}/student_sft_seeds/seed-S/ (the SFT student's seeds beside replicated methods).")] = 0,
     config: ConfigOption = None,
     results_dir: ResultsOption = None,
     set_: SetOption = None,
@@ -416,8 +419,8 @@ def sft_command(
                               "sft.grad_accum": grad_accum, "sft.teacher.n_checkpoints": n_checkpoints})
         from scd_pipeline.stages.sft import run_sft
 
-        with _lock("sft", cfg, role=role.value):
-            out = run_sft(cfg, role.value)
+        with _lock("sft", cfg, role=role.value, replicate=replicate):
+            out = run_sft(cfg, role.value, replicate=replicate)
     except ScdError as exc:
         _fail(str(exc))
     typer.echo(f"wrote {out}")

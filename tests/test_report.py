@@ -468,12 +468,14 @@ def test_best_student_ignores_teacher_and_other_rows_and_keeps_exact_ties():
 def test_replicated_students_show_mean_spread_and_missing_seeds(tmp_path):
     """replicates: 2. TD seed 0 right on 3 of 4 rows, seed 1 on 4: mean 0.875, sd over seeds
     sqrt(2 * 0.125^2 / 1) = 0.1768. SCD+AW has seed 0 only: its row uses that seed and the
-    missing seed is listed with the command that makes it."""
+    missing seed is listed with the command that makes it. The SFT student has two seeds too
+    (student_sft, student_sft@seed-1: 2 and 3 of 4 right, mean 0.625)."""
     config = load_config(overrides={"results_dir": str(tmp_path / "results"), "task": "demo",
                                     "replicates": 2, "distill.methods": ["td", "scd_aw"]})
     root = tmp_path / "results" / "demo"
     write_checkpoints(root)
     for name, predictions in (("teacher-ckpt-2", GOLD), ("student_sft", ["A", "A", "C", "C"]),
+                              ("student_sft@seed-1", ["A", "B", "C", "C"]),
                               ("td@seed-0", ["A", "B", "C", "C"]), ("td@seed-1", GOLD),
                               ("scd_aw@seed-0", ["A", "A", "A", "D"])):
         write_eval(root, name, predictions)
@@ -482,7 +484,7 @@ def test_replicated_students_show_mean_spread_and_missing_seeds(tmp_path):
     assert summary.loc["td", ["accuracy", "accuracy_min", "accuracy_max", "seeds"]].tolist() == [0.875, 0.75, 1.0, 2]
     assert summary.loc["td", "accuracy_sd"] == pytest.approx(math.sqrt(2 * 0.125 ** 2))
     assert summary.loc["scd_aw", ["accuracy", "seeds"]].tolist() == [0.5, 1]
-    assert summary.loc["student_sft", "seeds"] == 1
+    assert summary.loc["student_sft", ["accuracy", "seeds"]].tolist() == [0.625, 2]
     # The interval resamples rows and seeds: a resample drawing seed 0 twice can fall to 0.25.
     assert summary.loc["td", "accuracy_low"] < 0.75 < 1.0 == summary.loc["td", "accuracy_high"]
     text = (root / "report.md").read_text(encoding="utf-8")
@@ -494,6 +496,13 @@ def test_replicated_students_show_mean_spread_and_missing_seeds(tmp_path):
     assert "SCD+AW: seed-1: run `scd-pipeline distill --method scd_aw --name scd_aw/seed-1" in text
     assert result.missing_evals == []
     assert "results.png" in {p.name for p in result.plots}
+    for suffix in (".json", ".predictions.parquet"):
+        (root / "eval" / f"student_sft@seed-1{suffix}").unlink()
+    build_report(config)
+    text = (root / "report.md").read_text(encoding="utf-8")
+    assert ("SFT student: seed-1: run `scd-pipeline sft --role student --replicate 1`, then `scd-pipeline "
+            "evaluate --model results/demo/student_sft_seeds/seed-1 --name student_sft@seed-1`") in text.replace(
+                str(tmp_path) + "/", "")
     # Read with replicates: 1 (e.g. by report --tasks with another task's config), the seed
     # folders on disk still make TD a replicated row.
     for seed in (0, 1):

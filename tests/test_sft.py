@@ -178,6 +178,27 @@ def test_checkpoints_are_published_in_the_training_precision(teacher_run, tmp_pa
     assert load_model(out / "ckpt-1", dtype="float32", device="cpu")[0].dtype == torch.float32  # training reloads fp32
 
 
+def test_a_student_replicate_trains_with_the_next_seed_into_a_folder_of_its_own(tmp_path):
+    """replicates > 1: the SFT student's seed s trains with config seed + s into
+    student_sft_seeds/seed-s, beside student_sft (seed 0, the AW anchor), which it leaves alone."""
+    results = write_choice_task(tmp_path)
+    config = tiny_config(results, **{"sft.student.epochs": 1, "sft.resume_every_minutes": 60, "seed": 3})
+    zero = run_sft(config, "student")
+    one = run_sft(config, "student", replicate=1)
+    assert zero == results / "demo" / "student_sft" and one == results / "demo" / "student_sft_seeds" / "seed-1"
+    assert yaml_seed(one) == 4 and yaml_seed(zero) == 3
+    first, second = _weights(zero), _weights(one)
+    assert max(float((first[k] - second[k]).abs().max()) for k in first) > 1e-4  # another seed, another run
+    with pytest.raises(ConfigError, match="only the student has replicates"):
+        run_sft(config, "teacher", replicate=1)
+
+
+def yaml_seed(output) -> int:
+    import yaml
+
+    return yaml.safe_load(next(output.glob("*.config.yaml")).read_text())["seed"]
+
+
 def test_killed_teacher_run_resumes_to_the_same_weights(teacher_run, tmp_path, monkeypatch):
     reference_config, reference = teacher_run
     results = write_choice_task(tmp_path)

@@ -73,9 +73,13 @@ def test_replicates_fan_out_distillation_and_evaluation_only(tmp_path):
     assert jobs["distill"] == 3 * 2  # 2 methods (one job each without replicates, see below)
     # evaluate: teacher_base, student_sft, then the distilled students; T*'s evaluation joins the
     # DAG once the teacher SFT (a Snakemake checkpoint) has named it, so a dry run cannot list it.
-    assert jobs["evaluate"] == 2 + 3 * 2
+    assert jobs["evaluate"] == 2 + 3 * 2 + 2  # + the SFT student's seeds 1 and 2
     for rule in ("sft_teacher", "sft_student", "estimate_subdomains", "prepare_data", "report"):
         assert jobs[rule] == 1, rule
+    # the SFT student has the methods' three seeds: student_sft (seed 5, the AW anchor) and two more
+    assert jobs["sft_student_replicate"] == 2
+    assert sorted(re.search(r"--replicate (\d+)", s).group(1) for s in shells if "sft --role student --replicate" in s) \
+        == ["1", "2"]
     assert jobs["cache_logits"] == 2
     distill = sorted(s for s in shells if " distill " in s)
     assert [re.search(r"--name '([^']+)'.* --set seed=(\d+)", s).groups() for s in distill] == [
@@ -84,6 +88,7 @@ def test_replicates_fan_out_distillation_and_evaluation_only(tmp_path):
     evaluated = {re.search(r"--model (\S+) --name '([^']+)'", s).groups() for s in shells if " evaluate " in s}
     assert ("results/demo/students/td/seed-2", "td@seed-2") in evaluated
     assert ("results/demo/students/scd_aw/seed-0", "scd_aw@seed-0") in evaluated
+    assert ("results/demo/student_sft_seeds/seed-2", "student_sft@seed-2") in evaluated
 
 
 def test_several_tasks_share_the_base_models_and_end_in_one_table(tmp_path):

@@ -34,6 +34,22 @@ def replicate_eval_name(name: str, replicate: int) -> str:
     return f"{default_eval_name(name)}{REPLICATE_MARK}seed-{replicate}"
 
 
+# The SFT student with replicates: seed 0 (the config seed) is student_sft/, the anchor of Adaptive
+# Weighting and the start of distillation; seed s > 0 (config seed + s) is student_sft_seeds/seed-{s}/,
+# evaluated as student_sft@seed-{s}, a reference with as many seeds as the methods it is compared with.
+SFT_STUDENT = "student_sft"
+
+
+def sft_student_dir(replicate: int) -> str:
+    """0 -> ``student_sft``; 2 -> ``student_sft_seeds/seed-2`` (under the task folder)."""
+    return SFT_STUDENT if replicate == 0 else f"{SFT_STUDENT}_seeds/seed-{replicate}"
+
+
+def sft_student_eval_name(replicate: int) -> str:
+    """0 -> ``student_sft``; 2 -> ``student_sft@seed-2``."""
+    return SFT_STUDENT if replicate == 0 else replicate_eval_name(SFT_STUDENT, replicate)
+
+
 def multitask_dir(results_dir: str | Path, tasks: list[str]) -> Path:
     """Where ``report --tasks a,b`` writes the table across tasks: ``{results_dir}/tasks-a+b``."""
     return Path(results_dir) / f"tasks-{'+'.join(tasks)}"

@@ -29,6 +29,7 @@ from scd_pipeline.engine.config import task_dir, write_effective_config
 from scd_pipeline.engine.io import atomic_dir, json_safe, sha256_file, sha256_text
 from scd_pipeline.engine.locking import Artifact
 from scd_pipeline.engine.models import load_model
+from scd_pipeline.engine.naming import sft_student_dir
 from scd_pipeline.engine.scoring import choice_categories, predict_split, split_kind, summarise
 from scd_pipeline.engine.tokenization import check_data_tokenizer
 from scd_pipeline.engine.training import (
@@ -46,7 +47,7 @@ from scd_pipeline.engine.training import (
     run_training,
     seed_everything,
 )
-from scd_pipeline.errors import DataError
+from scd_pipeline.errors import ConfigError, DataError
 from scd_pipeline.math.metrics import kappa_weights, primary_metric
 
 OUTPUT_NAMES = {"teacher": "teacher", "student": "student_sft"}
@@ -60,12 +61,18 @@ class SftPaths:
     state: Path        # results/{task}/.state/sft-{role}
 
 
-def sft_paths(config: dict, role: str) -> SftPaths:
-    """Where the SFT run of ``role`` reads and writes."""
+def sft_paths(config: dict, role: str, replicate: int = 0) -> SftPaths:
+    """Where the SFT run of ``role`` reads and writes; the student's replicate ``s`` > 0 writes
+    ``student_sft_seeds/seed-{s}`` (``naming.sft_student_dir``)."""
     root = task_dir(config)
+    if replicate and role != "student":
+        raise ConfigError(f"sft --replicate {replicate}: only the student has replicates (--role student)")
+    if replicate < 0:
+        raise ConfigError(f"sft --replicate {replicate}: a replicate is 0 or more")
+    output = root / (sft_student_dir(replicate) if role == "student" else OUTPUT_NAMES[role])
+    state = root / ".state" / (f"sft-{role}" + (f"-seed-{replicate}" if replicate else ""))
     return SftPaths(base_model=Path(config["results_dir"]) / "models" / f"{role}_base",
-                    data=root / "data", output=root / OUTPUT_NAMES[role],
-                    state=root / ".state" / f"sft-{role}")
+                    data=root / "data", output=output, state=state)
 
 
 def n_checkpoints_for(config: dict, role: str) -> int:
@@ -193,14 +200,18 @@ class SftRecipe(Recipe):
             publish_dir(paths.state / records[-1]["path"], paths.output, extra=[log_path, config_file])
 
 
-def run_sft(config: dict, role: str, after_step: Callable[[StepResult], None] | None = None) -> Path:
+def run_sft(config: dict, role: str, after_step: Callable[[StepResult], None] | None = None,
+            replicate: int = 0) -> Path:
     """Fine-tune ``results/models/{role}_base`` on the task's training split; return the output dir.
 
-    ``after_step(result)`` is called after each optimizer step once its checkpoint and resume
-    state (if due) are saved; tests use it to simulate a kill.
+    ``replicate`` s > 0 (student only): the same run with seed = config seed + s, written to
+    ``student_sft_seeds/seed-{s}`` (the SFT student's replicates, references for replicated
+    methods). ``after_step(result)`` is called after each optimizer step once its checkpoint and
+    resume state (if due) are saved; tests use it to simulate a kill.
     """
+    paths = sft_paths(config, role, replicate)
+    config = {**config, "seed": config["seed"] + replicate}
     sft = config["sft"]
-    paths = sft_paths(config, role)
     train = read_split(paths.data / "train.parquet")
     val = read_split(paths.data / "val.parquet")
     if sft["val_max_samples"]:
@@ -224,7 +235,7 @@ def run_sft(config: dict, role: str, after_step: Callable[[StepResult], None] | 
     return paths.output
 
 
-def artifacts(config: dict, *, role: str) -> list[Artifact]:
-    """What ``sft --role ROLE`` writes: its output folder, and its resume state."""
-    paths = sft_paths(config, role)
+def artifacts(config: dict, *, role: str, replicate: int = 0) -> list[Artifact]:
+    """What ``sft --role ROLE [--replicate S]`` writes: its output folder, and its resume state."""
+    paths = sft_paths(config, role, replicate)
     return [Artifact(paths.output, (paths.output,)), Artifact(paths.state, (paths.state,), resume_state=True)]

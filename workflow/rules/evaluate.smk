@@ -1,7 +1,13 @@
 # Stage: evaluate the base teacher, T* (the best teacher checkpoint), the SFT student and every
 # distilled student (every replicate).
 
-from scd_pipeline.engine.naming import default_eval_name, multitask_report_files, replicate_eval_name
+from scd_pipeline.engine.naming import (
+    default_eval_name,
+    multitask_report_files,
+    replicate_eval_name,
+    sft_student_dir,
+    sft_student_eval_name,
+)
 
 # Evaluation name -> distilled student folder under students/ (names as `scd-pipeline evaluate`
 # and the report derive them; replicates get `{method}@seed-{s}`, passed with --name).
@@ -17,7 +23,9 @@ STUDENT_OF_EVAL = (
 # Every model the evaluate rule can score; the report asks for all but the teacher checkpoints,
 # of which it needs T* alone (the validation curve of all of them is in teacher/checkpoints.json;
 # any other, e.g. `snakemake results/demo/eval/teacher-ckpt-3.json`, on request).
-REPORTED_EVAL_NAMES = ["teacher_base", "student_sft"] + list(STUDENT_OF_EVAL)
+# The SFT student's seeds (replicates > 1): eval name -> its folder under the task.
+SFT_OF_EVAL = {sft_student_eval_name(s): sft_student_dir(s) for s in range(REPLICATES)}
+REPORTED_EVAL_NAMES = ["teacher_base", *SFT_OF_EVAL] + list(STUDENT_OF_EVAL)
 EVAL_NAMES = REPORTED_EVAL_NAMES + [f"teacher-ckpt-{k}" for k in CHECKPOINTS]
 
 
@@ -36,8 +44,8 @@ def model_to_evaluate(wildcards):
     name = wildcards.name
     if name == "teacher_base":
         return MODELS + "/teacher_base"
-    if name == "student_sft":
-        return TASK_DIR + "/student_sft"
+    if name in SFT_OF_EVAL:
+        return TASK_DIR + "/" + SFT_OF_EVAL[name]
     if name.startswith("teacher-ckpt-"):
         return TASK_DIR + "/teacher/ckpt-" + name.removeprefix("teacher-ckpt-")
     return TASK_DIR + "/students/" + STUDENT_OF_EVAL[name]

@@ -53,3 +53,33 @@ rule sft_student:
         gpu=GPUS,
     shell:
         "OMP_NUM_THREADS=" + TRAIN_OMP + " {ON_GPUS}{TRAIN} sft --role student --task {params.task} --config {CONFIG_FILE} > {log} 2>&1"
+
+
+# With `replicates: N` > 1 the SFT student has N seeds too: seed 0 is student_sft (the AW anchor and
+# the distillation start), seeds 1..N-1 (config seed + s) are references only, so that every
+# difference to the SFT student carries its training variance like the methods' own.
+rule sft_student_replicate:
+    input:
+        DATA_FILES,
+        MODELS + "/student_base",
+    output:
+        directory(TASK_DIR + "/student_sft_seeds/seed-{k}"),
+    wildcard_constraints:
+        k="[1-9][0-9]*",
+    params:
+        task=TASK,
+        settings=settings("seed", "sft"),
+    conda:
+        CONDA_ENV
+    log:
+        TASK_DIR + "/logs/sft_student_seed-{k}.log",
+    benchmark:
+        TASK_DIR + "/benchmarks/sft_student_seed-{k}.tsv"
+    threads: train_threads(JOB_THREADS)
+    resources:
+        mem_mb=planned_mem_mb("sft_student"),
+        runtime=planned_runtime("sft_student", 480),
+        gpu=GPUS,
+    shell:
+        "OMP_NUM_THREADS=" + TRAIN_OMP + " {ON_GPUS}{TRAIN} sft --role student --replicate {wildcards.k} "
+        "--task {params.task} --config {CONFIG_FILE} > {log} 2>&1"

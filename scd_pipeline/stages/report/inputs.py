@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import re
 import shlex
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,8 @@ from scd_pipeline.engine.naming import (
     default_eval_name,
     replicate_eval_name,
     replicate_student_name,
+    sft_student_dir,
+    sft_student_eval_name,
 )
 from scd_pipeline.errors import DataError
 from scd_pipeline.math.metrics import CHOICE_METRICS, LIST_METRICS, kappa_weights, primary_metric
@@ -104,8 +106,10 @@ def mean_result(results: Sequence[dict]) -> dict:
     return {**first, "metrics": metrics, "per_tag": per_tag, "seeds": len(results)}
 
 
-def _attach_replicates(row: ModelRow, eval_dir: Path, model_dirs: dict[int, Path], name: str) -> ModelRow:
-    """Fill a replicated row from its seeds' evaluations; absent seeds go to ``seeds_missing``."""
+def _attach_replicates(row: ModelRow, eval_dir: Path, model_dirs: dict[int, Path],
+                       train_command: Callable[[int], str]) -> ModelRow:
+    """Fill a replicated row from its seeds' evaluations; absent seeds go to ``seeds_missing``
+    with the commands that make them (``train_command(seed)`` when the model is not there)."""
     for seed, eval_name in row.seed_names.items():
         path = eval_dir / f"{eval_name}.json"
         if path.is_file():
@@ -115,8 +119,7 @@ def _attach_replicates(row: ModelRow, eval_dir: Path, model_dirs: dict[int, Path
         command = f"`scd-pipeline evaluate --model {quoted(model_dir)} --name {quoted(eval_name)}`"
         row.seeds_missing.append(
             f"seed-{seed}: run {command}" if model_dir.is_dir() else
-            f"seed-{seed}: run `scd-pipeline distill --method {quoted(name)} --name "
-            f"{quoted(replicate_student_name(name, seed))} --set seed=SEED+{seed}`, then {command}")
+            f"seed-{seed}: run {train_command(seed)}, then {command}")
     if row.seed_results:
         row.result = mean_result([row.seed_results[s] for s in sorted(row.seed_results)])
     else:
@@ -161,12 +164,20 @@ def model_rows(config: dict, root: Path, best_index: int | None) -> list[ModelRo
                                      teacher_eval_name(best_index),
                                      model_dir=root / "teacher" / f"ckpt-{best_index}"), eval_dir,
                             f"run `scd-pipeline evaluate --model {quoted(root / 'teacher' / f'ckpt-{best_index}')}`"))
-    rows.append(_attach(ModelRow("SFT student", "sft", "student_sft", model_dir=root / "student_sft"), eval_dir,
-                        f"run `scd-pipeline evaluate --model {quoted(root / 'student_sft')}`"
-                        if (root / "student_sft").is_dir() else
-                        "run `scd-pipeline sft --role student`, then `scd-pipeline evaluate "
-                        f"--model {quoted(root / 'student_sft')}`"))
-    seen = {row.eval_name for row in rows}
+    count = int(config.get("replicates", 1))
+    if count > 1:  # the SFT student has the methods' seeds too (seed 0: student_sft, the AW anchor)
+        row = ModelRow("SFT student", "sft", "student_sft", seed_names={s: sft_student_eval_name(s)
+                                                                         for s in range(count)})
+        rows.append(_attach_replicates(row, eval_dir, {s: root / sft_student_dir(s) for s in range(count)},
+                                       lambda s: "`scd-pipeline sft --role student"
+                                                 + (f" --replicate {s}`" if s else "`")))
+    else:
+        rows.append(_attach(ModelRow("SFT student", "sft", "student_sft", model_dir=root / "student_sft"), eval_dir,
+                            f"run `scd-pipeline evaluate --model {quoted(root / 'student_sft')}`"
+                            if (root / "student_sft").is_dir() else
+                            "run `scd-pipeline sft --role student`, then `scd-pipeline evaluate "
+                            f"--model {quoted(root / 'student_sft')}`"))
+    seen = {row.eval_name for row in rows} | {n for row in rows for n in row.seed_names.values()}
     for name in student_names(config, root):
         eval_name = student_eval_name(name)
         if eval_name in seen:
@@ -178,8 +189,10 @@ def model_rows(config: dict, root: Path, best_index: int | None) -> list[ModelRo
             row = ModelRow(method_label(name), "distilled", eval_name, model_dir=None, method=name,
                            seed_names={s: replicate_eval_name(name, s) for s in seeds})
             seen.update(row.seed_names.values())
-            rows.append(_attach_replicates(row, eval_dir, {s: root / "students" / replicate_student_name(name, s)
-                                                           for s in seeds}, name))
+            rows.append(_attach_replicates(
+                row, eval_dir, {s: root / "students" / replicate_student_name(name, s) for s in seeds},
+                lambda s, name=name: f"`scd-pipeline distill --method {quoted(name)} --name "
+                                     f"{quoted(replicate_student_name(name, s))} --set seed=SEED+{s}`"))
             continue
         command = f"`scd-pipeline evaluate --model {quoted(model_dir)}`"
         rows.append(_attach(ModelRow(method_label(name), "distilled", eval_name, model_dir=model_dir, method=name),
