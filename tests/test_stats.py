@@ -27,7 +27,6 @@ from scd_pipeline.math.stats import (
     required_replicates,
     required_test_size,
     resample_counts,
-    resampled_metric,
     sfs_outcome,
 )
 from scd_pipeline.stages.estimate_subdomains import decompose_gap
@@ -219,18 +218,6 @@ def test_kappa_and_macro_f1_on_resampled_confusions_equal_the_metric_functions()
     single = np.zeros((1, 4, 4))
     single[0, 2, 2] = 10
     assert kappa_from_confusion(single, "linear")[0] == 1.0
-
-
-def test_macro_f1_of_a_resample_averages_over_the_label_set_of_the_whole_test_split():
-    """Rows (gold, pred): (A, A), (A, A), (B, B), (C, C). A resample of rows 0 and 1 twice sees only
-    A: over its own labels its macro-F1 is 1; over the split's labels A, B, C it is (1 + 0 + 0) / 3.
-    The full sample (every row once) is 1 either way."""
-    gold, pred = np.array([0, 0, 1, 2]), np.array([[0], [0], [1], [2]])
-    scores = SampleScores({"accuracy": (gold[:, None] == pred).astype(float)}, gold=gold, pred=pred,
-                          n_categories=3, kappa_weights="none")
-    counts = np.array([[2.0, 2.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
-    assert resampled_metric(scores, "macro_f1", counts)[:, 0] == pytest.approx([1 / 3, 1.0])
-    assert macro_f1_from_confusion(confusion_counts(counts, gold, pred[:, 0], 3))[0] == 1.0  # its own labels
 
 
 def test_seed_resampling_adds_the_spread_over_seeds():

@@ -165,20 +165,15 @@ def kappa_from_confusion(confusion: np.ndarray, weights: str) -> np.ndarray:
     return np.where(chance == 0.0, 1.0, kappa)
 
 
-def macro_f1_from_confusion(confusion: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
-    """Macro-F1 of each confusion matrix, as :func:`metrics.macro_f1` defines it: over the labels
-    present in gold or prediction of that matrix, or, given ``labels`` (K,) bool, over those
-    labels on every matrix (a resample missing one of them counts its F1 as 0, so every resample
-    averages over the label set of the full test split)."""
+def macro_f1_from_confusion(confusion: np.ndarray) -> np.ndarray:
+    """Macro-F1 of each confusion matrix over the labels present in gold or prediction, as
+    :func:`metrics.macro_f1` defines it."""
     diagonal = np.diagonal(confusion, axis1=1, axis2=2)
     support = confusion.sum(axis=2) + confusion.sum(axis=1)  # 2TP + FP + FN per label
     present = support > 0
     with np.errstate(divide="ignore", invalid="ignore"):
         f1 = np.where(present, 2 * diagonal / support, 0.0)
-    if labels is None:
-        return f1.sum(axis=1) / present.sum(axis=1)
-    labels = np.asarray(labels, dtype=bool)
-    return f1[:, labels].sum(axis=1) / max(int(labels.sum()), 1)
+    return f1.sum(axis=1) / present.sum(axis=1)
 
 
 def resampled_metric(scores: SampleScores, metric: str, counts: np.ndarray) -> np.ndarray:
@@ -188,15 +183,10 @@ def resampled_metric(scores: SampleScores, metric: str, counts: np.ndarray) -> n
         return counts @ scores.per_row[metric] / totals
     if metric in CONFUSION_METRICS and scores.gold is not None:
         columns = []
-        whole = np.ones((1, len(scores.gold)))
         for seed in range(scores.n_seeds):
             confusion = confusion_counts(counts, scores.gold, scores.pred[:, seed], scores.n_categories)
-            if metric == "kappa":
-                columns.append(kappa_from_confusion(confusion, scores.kappa_weights))
-                continue
-            full = confusion_counts(whole, scores.gold, scores.pred[:, seed], scores.n_categories)[0]
-            labels = (full.sum(axis=0) + full.sum(axis=1)) > 0  # the labels of the whole test split
-            columns.append(macro_f1_from_confusion(confusion, labels))
+            columns.append(kappa_from_confusion(confusion, scores.kappa_weights) if metric == "kappa"
+                           else macro_f1_from_confusion(confusion))
         return np.stack(columns, axis=1)
     raise DataError(f"bootstrap: no per-row evidence for metric {metric!r}")
 
