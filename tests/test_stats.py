@@ -10,6 +10,8 @@ import pytest
 
 from scd_pipeline.math.metrics import cohen_kappa, macro_f1
 from scd_pipeline.math.stats import (
+    Interval,
+    MetricEvidence,
     PairedBootstrap,
     SampleScores,
     accuracy_row_variance,
@@ -27,6 +29,7 @@ from scd_pipeline.math.stats import (
     required_replicates,
     required_test_size,
     resample_counts,
+    seed_paired_t,
     sfs_outcome,
 )
 from scd_pipeline.stages.estimate_subdomains import decompose_gap
@@ -161,6 +164,46 @@ def test_the_confirmatory_family_calls_no_difference_in_95_of_100_reports_when_n
         unadjusted_false += bool(((family["low"] > 0) | (family["high"] < 0)).any())
     assert family_false / trials <= 0.05
     assert unadjusted_false / trials >= 0.15  # the check can fail: without the family it would
+
+
+def test_seed_paired_t_by_hand():
+    """d = (0.1, 0.2, 0.3): mean 0.2, sd 0.1, se 0.1 / sqrt(3); t(2, 0.975) = 4.3027 -> half-width
+    0.2484; t = 0.2 / se = 2 sqrt(3), two-sided p with 2 df = 1 - t / sqrt(t^2 + 2) = 0.0742."""
+    def evidence(values):
+        values = np.asarray(values, dtype=float)
+        return MetricEvidence(values, np.zeros(4), Interval(float(values.mean()), 0.0, 0.0))
+
+    interval, p = seed_paired_t(evidence([0.6, 0.7, 0.8]), evidence([0.5, 0.5, 0.5]), 0.95)
+    assert interval.estimate == pytest.approx(0.2)
+    assert interval.high - interval.estimate == pytest.approx(4.302653 * 0.1 / math.sqrt(3), rel=1e-5)
+    assert p == pytest.approx(1 - math.sqrt(12) / math.sqrt(14), rel=1e-6)
+    assert seed_paired_t(evidence([0.6]), evidence([0.5]), 0.95) is None  # one seed: no t
+    assert seed_paired_t(evidence([0.6, 0.7]), evidence([0.5, 0.5, 0.5]), 0.95) is None  # not paired
+
+
+def test_differences_to_a_replicated_sft_student_keep_false_resolutions_at_5_percent():
+    """Three seeds per model, each seed moving a model's accuracy by N(0, 0.1), no true difference,
+    n = 100. Measured over 200 simulated pairs: against an SFT student with one seed the interval
+    excludes 0 in 29% of them; against one with the method's three seeds, seed-paired, with the
+    wider of the bootstrap and the t interval over seeds, in 4% (the bootstrap alone: 11%)."""
+    rng = np.random.default_rng(0)
+    n, seeds, trials = 100, 3, 200
+    single = paired = 0
+    for _ in range(trials):
+        p_row = rng.beta(2.0, 1.5, size=n)
+        bootstrap = PairedBootstrap(n, 400, [int(rng.integers(1 << 30)), 1])
+
+        def model(count, p_row=p_row):
+            columns = [(rng.random(n) < np.clip(p_row + rng.normal(0, 0.1), 0, 1)).astype(float) for _ in range(count)]
+            return SampleScores({"accuracy": np.stack(columns, axis=1)})
+
+        method, sft = model(seeds), model(seeds)
+        one_seed = SampleScores({"accuracy": sft.per_row["accuracy"][:, :1]})
+        ours = metric_evidence(bootstrap, method, "accuracy")
+        single += difference(bootstrap, ours, metric_evidence(bootstrap, one_seed, "accuracy")).excludes_zero
+        paired += difference(bootstrap, ours, metric_evidence(bootstrap, sft, "accuracy")).excludes_zero
+    assert paired / trials <= 0.06
+    assert single / trials >= 0.15  # the check can fail: with one SFT seed it would
 
 
 def test_leave_one_out_side_by_hand():

@@ -262,8 +262,35 @@ def metric_evidence(bootstrap: PairedBootstrap, scores: SampleScores, metric: st
 
 
 def difference(bootstrap: PairedBootstrap, a: MetricEvidence, b: MetricEvidence) -> Interval:
-    """a - b on the same resampled rows: the paired difference and its interval."""
-    return bootstrap.interval(a.estimate - b.estimate, a.draws - b.draws)
+    """a - b on the same resampled rows: the paired difference and its interval. Two models with
+    the same number R >= 2 of seeds: the wider of that interval and Student's t over the R
+    seed-paired differences (:func:`seed_paired_t`), since a bootstrap over 3 seeds underrates how
+    far a seed can move a model."""
+    interval = bootstrap.interval(a.estimate - b.estimate, a.draws - b.draws)
+    over_seeds = seed_paired_t(a, b, bootstrap.confidence)
+    if over_seeds is None:
+        return interval
+    return Interval(interval.estimate, float(np.fmin(interval.low, over_seeds[0].low)),
+                    float(np.fmax(interval.high, over_seeds[0].high)))
+
+
+def seed_paired_t(a: MetricEvidence, b: MetricEvidence, confidence: float) -> tuple[Interval, float] | None:
+    """Two models with R >= 2 seeds each (seed s of one paired with seed s of the other): the
+    differences d_s of their metric on the whole test split, mean(d) ± t(R-1) sd(d) / sqrt(R),
+    and the two-sided p of the t test; None when either has one seed or the counts differ."""
+    from scipy.stats import t as student_t
+
+    if len(a.per_seed) < 2 or len(a.per_seed) != len(b.per_seed):
+        return None
+    d = np.asarray(a.per_seed, dtype=np.float64) - np.asarray(b.per_seed, dtype=np.float64)
+    if np.isnan(d).any():
+        return None
+    mean, spread = float(d.mean()), float(d.std(ddof=1)) / math.sqrt(len(d))
+    if spread == 0:
+        return Interval(mean, mean, mean), (1.0 if mean == 0 else 0.0)
+    half = float(student_t.ppf(0.5 + confidence / 2, len(d) - 1)) * spread
+    p = float(2 * student_t.sf(abs(mean) / spread, len(d) - 1))
+    return Interval(mean, mean - half, mean + half), p
 
 
 # --- deciding a difference: p-values and one confirmatory family ----------------------------------
@@ -292,15 +319,21 @@ def bootstrap_p_value(draws: np.ndarray) -> float:
     return float(min(1.0, 2.0 * min(np.mean(finite <= 0), np.mean(finite >= 0))))
 
 
-def paired_p_value(a: SampleScores, b: SampleScores, metric: str, draws: np.ndarray) -> float:
+def paired_p_value(a: SampleScores, b: SampleScores, metric: str, draws: np.ndarray,
+                   seeds: tuple[MetricEvidence, MetricEvidence] | None = None,
+                   confidence: float = 0.95) -> float:
     """Two-sided p of "a - b = 0" in ``metric``. One seed each and 0/1 values per row (accuracy):
     the exact test on the discordant rows (the percentile bootstrap calls a 4-0 split resolved,
-    whose exact p is 0.125). Otherwise the bootstrap p of the paired ``draws`` of a - b."""
+    whose exact p is 0.125). Otherwise the bootstrap p of the paired ``draws`` of a - b; given the
+    two models' evidence (``seeds``) and R >= 2 seeds each, the larger of that and the t test over
+    the seed-paired differences (as :func:`difference` takes the wider interval)."""
     if metric in a.per_row and metric in b.per_row and a.n_seeds == 1 and b.n_seeds == 1:
         x, y = a.per_row[metric][:, 0], b.per_row[metric][:, 0]
         if np.isin(x, (0.0, 1.0)).all() and np.isin(y, (0.0, 1.0)).all():
             return exact_sign_test_p(int(np.sum((x == 1) & (y == 0))), int(np.sum((x == 0) & (y == 1))))
-    return bootstrap_p_value(draws)
+    p = bootstrap_p_value(draws)
+    over_seeds = seed_paired_t(*seeds, confidence) if seeds is not None else None
+    return p if over_seeds is None else max(p, over_seeds[1])
 
 
 def holm_adjusted(p_values: Sequence[float]) -> list[float]:

@@ -257,7 +257,8 @@ def differences_frame(evidence: TaskEvidence, metrics: Sequence[str], primary: s
     One confirmatory family, named before the data are seen: the ``primary`` metric, every
     distilled model against the SFT student and against TD. Its p-values
     (:func:`stats.paired_p_value`: exact on the discordant rows for one-seed accuracy, else the
-    paired bootstrap's) are Holm-adjusted, and a difference is resolved when its adjusted p is
+    paired bootstrap's, and with seeds on both sides at least the t test's over the seed-paired
+    differences) are Holm-adjusted, and a difference is resolved when its adjusted p is
     below 1 - confidence: the chance that any of them is called when nothing differs stays at most
     that. Every other difference (other metrics, against T*, other models) is exploratory: resolved
     on its own p, a screen for what to test next, not a finding.
@@ -270,7 +271,8 @@ def differences_frame(evidence: TaskEvidence, metrics: Sequence[str], primary: s
             if a is None or b is None:
                 continue
             interval = difference(evidence.bootstrap, a, b)
-            p = paired_p_value(evidence.scores[key], evidence.scores[ref], metric, a.draws - b.draws)
+            p = paired_p_value(evidence.scores[key], evidence.scores[ref], metric, a.draws - b.draws, (a, b),
+                               evidence.bootstrap.confidence)
             confirmatory = (metric == primary and name in CONFIRMATORY_REFERENCES
                             and evidence.models[key].role == "distilled")
             records.append({"key": key, "reference": name, "metric": metric, "estimate": interval.estimate,
