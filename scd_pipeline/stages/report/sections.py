@@ -356,7 +356,9 @@ def results_blocks(inputs: ReportInputs, drawn: set[str]) -> list[Block]:
                      f"the SFT student and TD; Holm-adjusted p < {alpha:g}); {EXPLORATORY_MARK} = an "
                      f"exploratory difference with p < {alpha:g} on its own. p: for accuracy with one seed "
                      "the exact test on the rows where exactly one of the two is right, otherwise the paired "
-                     "bootstrap's; an interval may exclude 0 with too few such rows to decide. Bounds, p and "
+                     "bootstrap's; between two models with seeds, seed s paired with seed s, the interval is "
+                     "the wider of the bootstrap's and Student's t over the seed pairs, and p the larger. An "
+                     "interval may exclude 0 with too few such rows to decide. Bounds, p and "
                      "family in `summary.csv` (`delta_{metric}_vs_{reference}`)."),
                *differences_tables(inputs),
                ("h2", "Resolution"), ("p", resolution_text(inputs.resolution)),
