@@ -33,6 +33,7 @@ from scd_pipeline.math.curriculum import (
     PlannedModule,
     assign_modules,
     dependency_strength,
+    gate,
     identify,
     mastery_decision,
     merge_stages,
@@ -144,6 +145,18 @@ def test_mastery_gate_advances_repeats_and_stops_after_max_remedial():
     assert mastery_decision({"a": 0.95, "b": 0.89}, 0.9, 5, 5) == ADVANCE_UNMASTERED
     assert mastery_decision({"a": 0.93}, 0.95, 0, 0) == ADVANCE_UNMASTERED
     assert mastery_decision({"a": (9 / 12) / (10 / 12)}, 0.9, 0, 5) == ADVANCE  # 0.8999999999999999 in floats
+
+
+def test_the_gate_after_a_remedial_pass_checks_every_unit_of_the_stage():
+    """Stage [a, b], P_T 0.8 each, τ_mastery 0.9. After the first pass a is mastered (0.8), b is
+    not (0.6): remedial on b. After it b reaches 0.8 but a slipped to 0.6: the gate sees a, and
+    the next remedial pass trains a (it checked only b before, and advanced)."""
+    teacher = {"a": 0.8, "b": 0.8}
+    ratios, decision, weak = gate(["a", "b"], teacher, {"a": 0.8, "b": 0.6}, 0.9, 0, 2)
+    assert (decision, weak) == (REMEDIAL, ["b"]) and ratios == pytest.approx({"a": 1.0, "b": 0.75})
+    ratios, decision, weak = gate(["a", "b"], teacher, {"a": 0.6, "b": 0.8}, 0.9, 1, 2)
+    assert (decision, weak) == (REMEDIAL, ["a"]) and set(ratios) == {"a", "b"}
+    assert gate(["a", "b"], teacher, {"a": 0.6, "b": 0.8}, 0.9, 2, 2)[1] == ADVANCE_UNMASTERED
 
 
 def test_replay_makes_earlier_stages_the_configured_share_of_a_pass():
@@ -394,8 +407,9 @@ def test_curriculum_trains_stage_by_stage_through_the_mastery_gates(curriculum_r
     passes = record["passes"]
     assert [p["stage"] for p in passes if p["kind"] == "first"] == list(range(1, len(plan["stages"]) + 1))
     teacher = record["teacher_scores"]
-    for entry in passes:  # every gate: the live student's score per unit against P_T, then the rule
-        ratios = {u: entry["scores"][u] / teacher[u] for u in entry["units"]}
+    stage_units = [[u["unit"] for u in stage["units"]] for stage in plan["stages"]]
+    for entry in passes:  # every gate: the live student's score on every unit of the stage, then the rule
+        ratios = {u: entry["scores"][u] / teacher[u] for u in stage_units[entry["stage"] - 1]}
         assert entry["ratios"] == pytest.approx(ratios)
         # remedial rounds the stage has had when this gate decides (this pass included)
         remedial_done = sum(p["kind"] == "remedial" for p in passes

@@ -245,6 +245,16 @@ def mastery_decision(ratios: Mapping[str, float], tau_mastery: float, remedial_d
     return REMEDIAL if remedial_done < max_remedial else ADVANCE_UNMASTERED
 
 
+def gate(stage_units: Sequence[str], teacher: Mapping[str, float], student: Mapping[str, float],
+         tau_mastery: float, remedial_done: int, max_remedial: int) -> tuple[dict[str, float], str, list[str]]:
+    """The mastery gate after a pass: P_S / P_T of *every* unit of the stage (a remedial pass trains
+    the weak units only, and a unit mastered before can slip meanwhile), the decision
+    (:func:`mastery_decision`) and the units below mastery, which a remedial pass trains."""
+    ratios = {u: mastery_ratio(teacher[u], student[u]) for u in stage_units}
+    decision = mastery_decision(ratios, tau_mastery, remedial_done, max_remedial)
+    return ratios, decision, sorted(u for u, r in ratios.items() if not mastered(r, tau_mastery))
+
+
 def replay_count(stage_rows: int, earlier_rows: int, share: float) -> int:
     """Rows of earlier stages replayed in a pass, so that they are ``share`` of the pass's rows:
     round(share / (1 - share) · stage_rows), at most the earlier rows available."""

@@ -32,9 +32,7 @@ from scd_pipeline.math.curriculum import (
     ADVANCE,
     REMEDIAL,
     dependency_strength,
-    mastered,
-    mastery_decision,
-    mastery_ratio,
+    gate,
     member_of,
     replay_count,
     row_members,
@@ -67,7 +65,8 @@ class CurriculumRecipe(DistillRecipe):
     ``standard`` items). Either adds ``ioa.replay_share`` of rows replayed from earlier stages (a
     remedial pass also from the stage's mastered units), seeded by stage and pass. After every
     pass the live student is scored on the validation split (the one scoring path) and the mastery
-    gate decides (advance, remedial, advance unmastered after ``ioa.max_remedial``); training ends
+    gate, over every unit of the stage (a unit mastered before a remedial pass can slip during it),
+    decides (advance, remedial, advance unmastered after ``ioa.max_remedial``); training ends
     after the last stage's gate. The phase's checkpoint follows the schedule: T* (td), SCD's
     choice at the pass start (scd), or for cd stage s of S distils from checkpoint ceil(s N / S).
     ``curriculum.json`` records every pass, score and decision, and the dependency strengths
@@ -99,14 +98,13 @@ class CurriculumRecipe(DistillRecipe):
         state = ctx.state["curriculum"]
         record = state["passes"][-1]
         scores = ctx.decide_on_rank0(self.gate_scores(ctx))  # every process takes rank 0's gate
-        units = record["units"]
-        ratios = {u: mastery_ratio(self.curriculum.teacher_scores[u], scores[u]) for u in units}
-        decision = mastery_decision(ratios, self.ioa["tau_mastery"], state["remedial"], self.ioa["max_remedial"])
+        ratios, decision, weak = gate(self.stages[state["stage"]], self.curriculum.teacher_scores, scores,
+                                      self.ioa["tau_mastery"], state["remedial"], self.ioa["max_remedial"])
         record.update({"scores": scores, "ratios": ratios, "decision": decision,
                        "last_step": ctx.progress["step"]})
         if decision == REMEDIAL:
             state["remedial"] += 1
-            state["weak"] = sorted(u for u, r in ratios.items() if not mastered(r, self.ioa["tau_mastery"]))
+            state["weak"] = weak
         else:
             state.update(stage=state["stage"] + 1, remedial=0, weak=None)
 
