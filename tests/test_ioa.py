@@ -46,9 +46,11 @@ from scd_pipeline.math.curriculum import (
 from scd_pipeline.stages import ioa_plan as ioa
 from scd_pipeline.stages.distill import run_distill
 from scd_pipeline.stages.synthesize import (
+    _prompt_plan,
     candidate_body,
     interleaved,
     near_duplicate_reason,
+    parse_item,
     register_pools,
     writes_options,
 )
@@ -190,6 +192,44 @@ def test_a_new_items_body_ends_at_the_first_blank_line_within_its_budget():
     assert candidate_body("A case of rash.", budget_hit=False) == "A case of rash."
     assert candidate_body("  \n\nQuestion", budget_hit=False) is None
     assert writes_options("A case.\nA. yes\nB. no") and not writes_options("A case of B. cereus.")
+
+
+def test_items_of_a_task_with_options_per_question_write_their_own_options():
+    """Shared options (the demo's labels): a body that lists options does not parse, the others take
+    the seeds' options block. Options per question (JMMLU-Med): the item must end with one line per
+    seed letter, in order, which become its options before the seeds' instruction."""
+    shared = {"own_options": False, "suffix": "\n\nA. yes\nB. no\n\nAnswer with A or B.", "letters": ["A", "B"]}
+    assert parse_item("Is it red?\n\nQuestion 5:", False, shared, "choice") == (
+        "Is it red?", shared["suffix"], ("A", "B"))
+    assert parse_item("Is it red?\nA. yes\nB. no\n\n", False, shared, "choice") is None
+    own = {"own_options": True, "suffix": "\n\nA. 1\nB. 2\nC. 3\n\nAnswer with A, B or C.",
+           "letters": ["A", "B", "C"], "instruction": "Answer with A, B or C."}
+    body, suffix, choices = parse_item("Which organ filters blood?\nA. heart\nB. kidney\nC. lung\n\nQuestion 5:",
+                                       False, own, "choice")
+    assert (body, choices) == ("Which organ filters blood?", ("A", "B", "C"))
+    assert suffix == "\n\nA. heart\nB. kidney\nC. lung\n\nAnswer with A, B or C."
+    for broken in ("Which organ?\nA. heart\nB. kidney\n\n",             # an option missing
+                   "Which organ?\nA. heart\nC. lung\nB. kidney\n\n",   # out of order
+                   "Which organ?\nA. heart\nB. \nC. lung\n\n",         # an empty option
+                   "A. heart\nB. kidney\nC. lung\n\n",                # no question
+                   "Which organ?\n\n"):                                 # no options at all
+        assert parse_item(broken, False, own, "choice") is None, broken
+
+
+def test_prompts_show_the_options_only_where_each_question_has_its_own():
+    def rows(suffixes):
+        return pd.DataFrame({"sample_id": [f"s{i}" for i in range(len(suffixes))], "module": "m", "tag": "t",
+                             "teacher_score": 1.0, "teacher_nll": [0.1 * i for i in range(len(suffixes))],
+                             "body": [f"question {i}" for i in range(len(suffixes))], "suffix": suffixes,
+                             "choices": [["A", "B"]] * len(suffixes), "body_tokens": 3})
+    config = load_config(overrides={"ioa.synthesis.shots": 2, "ioa.synthesis.prompts_per_register": 1})
+    per_question = _prompt_plan(config, {"deficient": ["m"]}, rows(
+        ["\n\nA. x\nB. y\n\nPick.", "\n\nA. u\nB. v\n\nPick.", "\n\nA. p\nB. q\n\nPick."]))
+    assert all(p["own_options"] and p["instruction"] == "Pick." for p in per_question)
+    assert all(any(line.startswith("A. ") for line in body.splitlines()) for p in per_question for body in p["bodies"])
+    shared = _prompt_plan(config, {"deficient": ["m"]}, rows(["\n\nA. x\nB. y\n\nPick."] * 3))
+    assert not any(p["own_options"] for p in shared)
+    assert all(body.startswith("question ") and "A. " not in body for p in shared for body in p["bodies"])
 
 
 def test_near_duplicates_of_evaluation_training_or_kept_items_are_named():

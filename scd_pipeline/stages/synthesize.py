@@ -11,13 +11,16 @@ structure (T*'s gold NLL orders a module's rows by difficulty):
 
 Seed rows are those T* scores a pass on (its answer right); each prompt holds ``shots`` of them
 (seeded choice) and T* samples ``per_prompt`` continuations at ``temperature``; the text up to the
-first blank line is the new item's question body, and it keeps the seeds' options block /
-instruction. The teacher then answers each new item: choice tasks take T*'s most probable option
+first blank line is the new item. When the task's options are shared (every row lists the same,
+e.g. the demo's labels) the item is a question body and takes the seeds' options block and
+instruction; when each question has options of its own (e.g. JMMLU-Med) the examples show theirs
+and the item must end with its own, one line per option letter of the seeds, in order. The teacher then answers each new item: choice tasks take T*'s most probable option
 letter, list tasks T*'s greedy list. An item is kept only if
 
 1. it parses into the task's format (``unparsable`` otherwise): a non-empty body that ended
-   within ``length_factor`` x the prompt's longest example, wrote no options of its own and, for
-   lists, an answer that parses and whose items all occur in the body;
+   within ``length_factor`` x the prompt's longest example, wrote no options of its own (shared
+   options) or exactly one per letter (options per question) and, for lists, an answer that
+   parses and whose items all occur in the body;
 2. the teacher is confident (``unconfident``): its probability of its own answer (the letter's
    probability; for lists the mean token probability of the list) >= ``min_confidence``;
 3. it is not a near-duplicate (``overlaps_eval``, ``copies_train``, ``duplicate``): at most
@@ -175,12 +178,50 @@ def _prompt_plan(config: dict, plan: dict, train: pd.DataFrame) -> list[dict]:
                 rng = random.Random(f"{config['seed']}/{module}/{register}/{index}")
                 chosen = rng.sample(range(len(pool)), min(synthesis["shots"], len(pool)))
                 seeds = pool.iloc[chosen]
+                # Options per question (the module's rows list different options, e.g. JMMLU-Med):
+                # the examples show them and the teacher writes a new item's own; options shared by
+                # the task (e.g. the demo's labels): the examples are bodies, the item takes them.
+                own = bool(rows["suffix"].nunique() > 1)
+                instruction = options_and_instruction(seeds["suffix"].iat[0])[1]
+                examples = [body.strip() + ("\n" + "\n".join(options_and_instruction(suffix)[0]) if own else "")
+                            for body, suffix in zip(seeds["body"], seeds["suffix"], strict=True)]
                 prompts.append({"module": module, "register": register,
                                 "source_ids": seeds["sample_id"].astype(str).tolist(),
-                                "bodies": seeds["body"].tolist(), "suffix": seeds["suffix"].iat[0],
-                                "tag": str(seeds["tag"].iat[0]),
-                                "max_body_tokens": int(seeds["body_tokens"].max())})
+                                "bodies": examples, "suffix": seeds["suffix"].iat[0], "own_options": own,
+                                "letters": [str(c) for c in seeds["choices"].iat[0]],
+                                "instruction": instruction, "tag": str(seeds["tag"].iat[0]),
+                                "max_body_tokens": int(seeds["body_tokens"].max())
+                                + (int(seeds["suffix"].str.len().max()) if own else 0)})
     return prompts
+
+
+def options_and_instruction(suffix: str) -> tuple[list[str], str]:
+    """A choice row's suffix ("\n\nA. ...\nB. ...\n\n<instruction>") as its option lines and the
+    instruction after them."""
+    options, _, instruction = suffix.strip().partition("\n\n")
+    return [line for line in options.splitlines() if line.strip()], instruction
+
+
+def parse_item(text: str, budget_hit: bool, prompt: dict, kind: str) -> tuple[str, str, tuple[str, ...]] | None:
+    """A continuation as a new item (body, suffix, choices), or None when it does not parse. With
+    options shared by the task the body must list none and takes the prompt's; with options per
+    question it must end with its own, one line "X. text" per letter of the seeds, in order."""
+    item = candidate_body(text, budget_hit)
+    if item is None:
+        return None
+    if kind != "choice" or not prompt.get("own_options"):
+        return None if writes_options(item) else (item, prompt["suffix"], tuple(prompt["letters"]) if kind == "choice" else ())
+    lines = item.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith(f"{prompt['letters'][0]}. ")]
+    if not starts:
+        return None
+    body, options = "\n".join(lines[: starts[-1]]).strip(), [line.strip() for line in lines[starts[-1]:]]
+    letters = list(prompt["letters"])
+    if not body or writes_options(body) or len(options) != len(letters) or any(
+            not line.startswith(f"{letter}. ") or not line[len(letter) + 2:].strip()
+            for letter, line in zip(letters, options, strict=True)):
+        return None
+    return body, "\n\n" + "\n".join(options) + "\n\n" + prompt["instruction"], tuple(letters)
 
 
 def _generate(model, tokenizer, prompts: list[dict], config: dict, state: Path, fingerprint: str,
@@ -296,20 +337,17 @@ def synthesize(config: dict) -> dict:
     candidates, rejected = [], Counter()
     for prompt, texts in zip(prompts, generated, strict=True):
         for text, budget_hit in texts:
-            body = candidate_body(text, budget_hit)
-            if body is None or writes_options(body):
+            item = parse_item(text, budget_hit, prompt, kind)
+            if item is None:
                 rejected[(prompt["module"], prompt["register"], "unparsable")] += 1
                 continue
-            candidates.append((prompt, body))
+            candidates.append((prompt, item))
     encoder = _encoder(config, tokenizer)
-    seed_rows = {str(s): r for s, r in zip(train["sample_id"], train.itertuples(index=False), strict=True)}
     examples = []
-    for number, (prompt, body) in enumerate(candidates):
-        first = seed_rows[prompt["source_ids"][0]]
-        answer = str(first.choices[0]) if kind == "choice" else "[]"
-        examples.append(Example(f"syn-{number:05d}", prompt["tag"], kind, body, prompt["suffix"],
-                                tuple(first.choices), answer, 0 if kind == "choice" else -1,
-                                f"synthetic item {number}"))
+    for number, (prompt, (body, suffix, choices)) in enumerate(candidates):
+        answer = str(choices[0]) if kind == "choice" else "[]"
+        examples.append(Example(f"syn-{number:05d}", prompt["tag"], kind, body, suffix, choices, answer,
+                                0 if kind == "choice" else -1, f"synthetic item {number}"))
     records = encoder.encode(examples) if examples else []
     frame = pd.DataFrame(records)
     # 2. the teacher's answer and confidence
@@ -331,7 +369,7 @@ def synthesize(config: dict) -> dict:
     kept_index = NgramIndex([], synthesis["overlap_ngram"])
     kept_rows, kept_per_module = [], Counter()
     for row in interleaved([(prompt["module"], prompt["register"]) for prompt, _ in candidates]):
-        (prompt, body), record = candidates[row], records[row]
+        (prompt, (body, _, _)), record = candidates[row], records[row]
         key = (prompt["module"], prompt["register"])
         if kind == "list" and not (json.loads(record["answer"]) and
                                    list_items_in_body(json.loads(record["answer"]), body)):
