@@ -154,3 +154,10 @@ def test_set_null_restores_a_nullable_default(tmp_path):
     assert config["distill"]["phases"] is None
     assert config["data"]["max_train_samples"] is None
     assert build_config(None, [], task=None)["task"] == "demo"  # unset CLI options change nothing
+
+
+def test_a_curriculum_refuses_evaluation_on_the_validation_split_its_gates_steer_by():
+    with pytest.raises(ConfigError, match=r"distill.methods \(ioa\) and evaluate.split: val: .* set evaluate.split: test"):
+        load_config(overrides={"distill.methods": ["td", "ioa"], "evaluate.split": "val"})
+    assert load_config(overrides={"distill.methods": ["td"], "evaluate.split": "val"})["evaluate"]["split"] == "val"
+    assert load_config(overrides={"distill.methods": ["ioa"]})["evaluate"]["split"] == "test"

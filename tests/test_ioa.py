@@ -508,6 +508,18 @@ def test_report_shows_the_curriculum_rows_plot_and_synthesis_yield(curriculum_ru
     assert re.search(rf"\|\s*{DEFICIENT}\s*\|\s*remedial\s*\|\s*{PER_PROMPT}\s*\|\s*1\s*\|", text)
     summary = pd.read_csv(task / "summary.csv")
     assert {"IOA", "SCD+AW+IOA"} <= set(summary["model"])
+    assert "The mastery gates score the live student on the validation split" in text
+    assert "not the paper's 0.3" not in text  # the default τ_gap is the paper's
+    plan_file = task / "ioa/plan.json"
+    original = plan_file.read_text()
+    plan = json.loads(original)
+    plan["thresholds"]["tau_gap"] = 0.2
+    plan_file.write_text(json.dumps(plan))
+    try:
+        run_cli(curriculum_run, "report", "--set", "distill.methods=[ioa,scd_aw+ioa]")
+        assert "τ_gap is 0.2 in this run, not the paper's 0.3" in (task / "report.md").read_text()
+    finally:
+        plan_file.write_text(original)
 
 
 def test_curriculum_commands_have_help():

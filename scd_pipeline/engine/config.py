@@ -121,11 +121,17 @@ def validate_config(config: dict) -> dict:
     errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), list(e.absolute_path)))
     if errors:
         raise ConfigError(_describe(errors[0]))
+    curricula = []
     for method in config.get("distill", {}).get("methods", []):
         try:
-            parse_method(method)
+            if parse_method(method).curriculum:
+                curricula.append(method)
         except ConfigError as exc:
             raise ConfigError(f"config key distill.methods: {exc}") from None
+    if curricula and config.get("evaluate", {}).get("split") == "val":
+        raise ConfigError(f"config keys distill.methods ({', '.join(curricula)}) and evaluate.split: val: IOA's "
+                          "mastery gates score the student on the validation split after every pass, so an "
+                          "evaluation there grades what the curriculum steered by; set evaluate.split: test")
     return config
 
 

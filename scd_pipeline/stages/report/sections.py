@@ -453,6 +453,9 @@ def schedule_blocks(inputs: ReportInputs, drawn: set[str]) -> list[Block]:
     return blocks
 
 
+PAPER_TAU_GAP = 0.3  # IOA's deficiency threshold in its paper (SPEC 4.6)
+
+
 def curriculum_blocks(inputs: ReportInputs, drawn: set[str]) -> list[Block]:
     """IOA: the plan (modules, gaps, stages), each curriculum student's passes and gates, and the
     synthetic data's yield with three kept items. Nothing when no curriculum ran."""
@@ -478,6 +481,13 @@ def curriculum_blocks(inputs: ReportInputs, drawn: set[str]) -> list[Block]:
                               else "Steps beyond the ZPD (no split possible): " + ", ".join(
                                   f"{z['from_stage']}→{z['to_stage']}" for z in plan["zpd"] if not z["within_zpd"])
                               + "."))]
+    if plan is not None and plan["thresholds"]["tau_gap"] != PAPER_TAU_GAP:
+        blocks.append(("p", f"τ_gap is {plan['thresholds']['tau_gap']:g} in this run, not the paper's "
+                            f"{PAPER_TAU_GAP:g}: the IOA rows are of a tuned curriculum."))
+    if inputs.curricula:
+        blocks.append(("p", "The mastery gates score the live student on the validation split after every pass, "
+                            "so a curriculum steers by the validation rows; the results above are on the test "
+                            "split, which no gate saw (a curriculum refuses evaluate.split: val)."))
     for name, record in inputs.curricula.items():
         passes = curriculum_passes(record)
         tau = record.get("thresholds", {}).get("tau_mastery")
