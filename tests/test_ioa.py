@@ -41,6 +41,7 @@ from scd_pipeline.math.curriculum import (
     organize,
     replay_count,
     strata_edges,
+    targeted,
     zpd_report,
 )
 from scd_pipeline.stages import ioa_plan as ioa
@@ -161,6 +162,17 @@ def test_the_gate_after_a_remedial_pass_checks_every_unit_of_the_stage():
     assert gate(["a", "b"], teacher, {"a": 0.6, "b": 0.8}, 0.9, 2, 2)[1] == ADVANCE_UNMASTERED
 
 
+def test_synthesis_targets_the_most_severe_share_of_the_deficient_modules():
+    modules = [{"module": "a", "severity": 0.2, "deficient": True}, {"module": "b", "severity": 0.9, "deficient": True},
+               {"module": "c", "severity": 0.5, "deficient": True}, {"module": "d", "severity": 0.7, "deficient": True},
+               {"module": "e", "severity": 0.95, "deficient": False}]
+    assert targeted(modules, 0.25) == ["b"]              # 25% of 4 deficient modules: the most severe one
+    assert targeted(modules, 0.5) == ["b", "d"]
+    assert targeted(modules, 1.0) == ["b", "d", "c", "a"]  # e is not deficient, however severe
+    assert targeted(modules[:1], 0.25) == ["a"]          # at least one
+    assert targeted([{"module": "x", "severity": 1.0, "deficient": False}], 0.25) == []
+
+
 def test_replay_makes_earlier_stages_the_configured_share_of_a_pass():
     assert replay_count(40, 100, 0.2) == 10       # 10 / (40 + 10) = 0.2
     assert replay_count(40, 6, 0.2) == 6          # at most what earlier stages hold
@@ -216,6 +228,9 @@ def test_items_of_a_task_with_options_per_question_write_their_own_options():
         assert parse_item(broken, False, own, "choice") is None, broken
 
 
+PLAN_M = {"deficient": ["m"], "modules": [{"module": "m", "severity": 1.0, "deficient": True}]}
+
+
 def test_prompts_show_the_options_only_where_each_question_has_its_own():
     def rows(suffixes):
         return pd.DataFrame({"sample_id": [f"s{i}" for i in range(len(suffixes))], "module": "m", "tag": "t",
@@ -223,11 +238,11 @@ def test_prompts_show_the_options_only_where_each_question_has_its_own():
                              "body": [f"question {i}" for i in range(len(suffixes))], "suffix": suffixes,
                              "choices": [["A", "B"]] * len(suffixes), "body_tokens": 3})
     config = load_config(overrides={"ioa.synthesis.shots": 2, "ioa.synthesis.prompts_per_register": 1})
-    per_question = _prompt_plan(config, {"deficient": ["m"]}, rows(
+    per_question = _prompt_plan(config, PLAN_M, rows(
         ["\n\nA. x\nB. y\n\nPick.", "\n\nA. u\nB. v\n\nPick.", "\n\nA. p\nB. q\n\nPick."]))
     assert all(p["own_options"] and p["instruction"] == "Pick." for p in per_question)
     assert all(any(line.startswith("A. ") for line in body.splitlines()) for p in per_question for body in p["bodies"])
-    shared = _prompt_plan(config, {"deficient": ["m"]}, rows(["\n\nA. x\nB. y\n\nPick."] * 3))
+    shared = _prompt_plan(config, PLAN_M, rows(["\n\nA. x\nB. y\n\nPick."] * 3))
     assert not any(p["own_options"] for p in shared)
     assert all(body.startswith("question ") and "A. " not in body for p in shared for body in p["bodies"])
 

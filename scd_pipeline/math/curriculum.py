@@ -255,6 +255,14 @@ def gate(stage_units: Sequence[str], teacher: Mapping[str, float], student: Mapp
     return ratios, decision, sorted(u for u, r in ratios.items() if not mastered(r, tau_mastery))
 
 
+def targeted(modules: Sequence[Mapping], share: float) -> list[str]:
+    """The deficient modules the Adapter writes items for: the most severe ``share`` of them
+    (at least one when any is deficient; IOA's authors take 25%), by severity, ties by name."""
+    deficient = sorted((m for m in modules if m["deficient"]), key=lambda m: (-m["severity"], m["module"]))
+    count = min(len(deficient), max(1, math.ceil(share * len(deficient) - GAP_TOLERANCE))) if deficient else 0
+    return [m["module"] for m in deficient[:count]]
+
+
 def replay_count(stage_rows: int, earlier_rows: int, share: float) -> int:
     """Rows of earlier stages replayed in a pass, so that they are ``share`` of the pass's rows:
     round(share / (1 - share) · stage_rows), at most the earlier rows available."""

@@ -1,6 +1,7 @@
 """IOA's Adapter: ``scd-pipeline synthesize`` -> ``data/synthetic.parquet`` + ``ioa/synthesis.json``.
 
-For every module the plan marks deficient (``ioa/plan.json``), the teacher T* writes new items
+For the most severe ``ioa.synthesis.top_share`` of the modules the plan marks deficient
+(``ioa/plan.json``; IOA's authors take 25%, at least one), the teacher T* writes new items
 from few-shot prompts of that module's training rows, in three registers that use the task's own
 structure (T*'s gold NLL orders a module's rows by difficulty):
 
@@ -56,7 +57,7 @@ from scd_pipeline.engine.curriculum_files import ioa_dir, read_plan
 from scd_pipeline.engine.io import atomic_path, read_json, sha256_file, sha256_text, write_json
 from scd_pipeline.engine.locking import Artifact
 from scd_pipeline.errors import DataError
-from scd_pipeline.math.curriculum import NgramIndex, row_members
+from scd_pipeline.math.curriculum import NgramIndex, row_members, targeted
 
 REGISTERS = ("remedial", "standard", "bridging")
 HEADERS = {"remedial": "Short, simple questions of the kind '{module}', one fact each:",
@@ -169,7 +170,7 @@ def _prompt_plan(config: dict, plan: dict, train: pd.DataFrame) -> list[dict]:
     """Every few-shot prompt: module, register, its seed rows (seeded choice, fixed order)."""
     synthesis = config["ioa"]["synthesis"]
     prompts = []
-    for module in plan["deficient"]:
+    for module in targeted(plan["modules"], synthesis["top_share"]):
         rows = train[(train["module"] == module) & (train["teacher_score"] >= 0.5)]
         if len(rows) < 1:
             rows = train[train["module"] == module]
@@ -402,9 +403,10 @@ def synthesize(config: dict) -> dict:
     kept_counts = Counter((r["module"], r["register"]) for r in kept_rows)
     yield_rows = [{"module": m, "register": g, "generated": generated_counts[(m, g)], "kept": kept_counts[(m, g)],
                    **{reason: rejected[(m, g, reason)] for reason in REASONS}}
-                  for m in plan["deficient"] for g in REGISTERS]
+                  for m in targeted(plan["modules"], synthesis["top_share"]) for g in REGISTERS]
     summary = {
         "task": config["task"], "teacher": str(teacher_dir), "best_index": best, "deficient": plan["deficient"],
+        "targeted": targeted(plan["modules"], synthesis["top_share"]),
         "prompts": len(prompts), "generated": sum(generated_counts.values()), "kept": len(kept_rows),
         "rejected": {reason: sum(v for k, v in rejected.items() if k[2] == reason) for reason in REASONS},
         "yield": yield_rows, "settings": synthesis, "file": str(out), "sha256": sha256_file(out),

@@ -502,8 +502,11 @@ def curriculum_blocks(inputs: ReportInputs, drawn: set[str]) -> list[Block]:
         reasons = [r for r in synthesis["rejected"]]
         blocks += [("h3", "Synthetic data (Adapter)"),
                    ("p", f"T* wrote {synthesis['generated']} items from {synthesis['prompts']} few-shot prompts for "
-                         f"the deficient modules ({', '.join(synthesis['deficient']) or 'none'}); "
-                         f"{synthesis['kept']} kept. Checks: {synthesis['checks']}.")]
+                         f"the most severe deficient modules ({', '.join(synthesis.get('targeted', synthesis['deficient'])) or 'none'}"
+                         f" of {', '.join(synthesis['deficient']) or 'none'}; `ioa.synthesis.top_share` "
+                         f"{synthesis['settings'].get('top_share', 1):g}); {synthesis['kept']} kept"
+                         + (" (nothing was synthesised: the curriculum trained on the task's own rows)"
+                            if not synthesis["kept"] else "") + f". Checks: {synthesis['checks']}.")]
         if synthesis["yield"]:
             blocks.append(("table", Table(["Module", "Register", "Generated", "Kept", *reasons],
                                           [[y["module"], y["register"], str(y["generated"]), str(y["kept"]),
