@@ -349,13 +349,13 @@ def fake_generate(bodies: dict[str, str]):
 
 
 def weaker_student_on(tag: str):
-    """The SFT student scores 0 on ``tag``'s validation rows, T* scores 1 on every row: ``tag`` is
+    """The diagnosed student scores 0 on ``tag``'s validation rows, T* scores 1 on every row: ``tag`` is
     the one deficient module (the rest of the plan runs on the models' real predictions)."""
     real = ioa._val_predictions
 
     def predictions(model_dir, frame, config, where):
         scored = real(model_dir, frame, config, where)
-        student = Path(model_dir).name == "student_sft"
+        student = Path(model_dir).name in ("student_sft", "student_base")
         scored["score"] = np.where(student & (frame["tag"].to_numpy() == tag), 0.0, 1.0)
         return scored
 
@@ -394,6 +394,8 @@ def curriculum_run(tmp_path_factory):
 def test_plan_marks_the_weaker_module_deficient_and_stages_it_last(curriculum_run):
     plan = json.loads((curriculum_run / "results/demo/ioa/plan.json").read_text())
     assert plan["deficient"] == [DEFICIENT] and plan["basis"] == "tag"
+    # distill.init: base (the default): the curriculum trains the base student, so it is the one diagnosed
+    assert plan["diagnosed"] == "student_base" and plan["student"].endswith("models/student_base")
     assert plan["stages"][-1]["units"][0]["module"] == DEFICIENT  # P_S 0 against 1 elsewhere: hardest
     scores = pd.read_parquet(curriculum_run / "results/demo/ioa/val_scores.parquet")
     assert set(scores.columns) >= {"sample_id", "tag", "unit", "teacher_score", "student_score", "teacher_nll"}

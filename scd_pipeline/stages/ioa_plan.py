@@ -1,6 +1,7 @@
 """IOA's Identifier and Organizer: ``scd-pipeline ioa-plan`` -> ``ioa/plan.json`` (SPEC 4.6).
 
-From the validation split it scores the teacher T* and the SFT student (the one scoring path,
+From the validation split it scores the teacher T* and the student the curriculum starts from
+(``distill.init``: the base student or the SFT student; the one scoring path,
 :func:`scoring.predict_split`), groups the rows into knowledge modules (the task's tags, or
 strata of T*'s gold NLL for a task with fewer than two tags), and writes:
 
@@ -132,22 +133,26 @@ def plan_curriculum(config: dict) -> dict:
     checkpoints = read_checkpoints(root / "teacher")
     best = int(checkpoints["best_index"])
     teacher_dir = root / "teacher" / checkpoint_entry(checkpoints, best)["path"]
-    student_dir = root / "student_sft"
+    # the student diagnosed is the student the curriculum trains: distillation's starting point
+    diagnosed = "student_sft" if config["distill"]["init"] == "sft" else "student_base"
+    student_dir = root / "student_sft" if diagnosed == "student_sft" else Path(config["results_dir"]) / "models" / "student_base"
     if not is_model_dir(student_dir):
-        raise ModelError(f"{student_dir}: SFT student not found (run `scd-pipeline sft --role student` first)")
+        make = "sft --role student" if diagnosed == "student_sft" else "prepare-model --role student"
+        raise ModelError(f"{student_dir}: the student the curriculum starts from (distill.init: "
+                         f"{config['distill']['init']}) not found (run `scd-pipeline {make}` first)")
     train_path = root / "data" / f"{config['cache']['split']}.parquet"
     train = read_split(train_path)
     stats = open_task_cache(config, best).stats().set_index("sample_id")
     train_nll = stats.loc[train["sample_id"], "nll_mean"].to_numpy(np.float64)
     val_path, val = validation_rows(config)
     teacher = _val_predictions(teacher_dir, val, config, f"{val_path} (T* = ckpt-{best})")
-    student = _val_predictions(student_dir, val, config, f"{val_path} (student_sft)")
+    student = _val_predictions(student_dir, val, config, f"{val_path} ({diagnosed})")
     scores = pd.DataFrame({"sample_id": val["sample_id"].astype(str), "tag": val["tag"].astype(str),
                            "teacher_score": teacher["score"], "student_score": student["score"],
                            "teacher_nll": -teacher["gold_logprob"] / teacher["gold_tokens"]})
     plan, scores = build_plan(train, train_nll, scores, config["ioa"])
     plan = {"task": config["task"], "best_index": best, "teacher": str(teacher_dir),
-            "student": str(student_dir), "val_rows": len(val),
+            "student": str(student_dir), "diagnosed": diagnosed, "val_rows": len(val),
             "inputs": {"train": sha256_file(train_path), "val": sha256_file(val_path)}, **plan}
     out = ioa_dir(config)
     out.mkdir(parents=True, exist_ok=True)

@@ -6,13 +6,14 @@ rule ioa_plan:
     input:
         DATA_FILES,
         CACHES,
-        TASK_DIR + "/student_sft",
+        # the student the curriculum starts from is the one diagnosed
+        TASK_DIR + "/student_sft" if config["distill"]["init"] == "sft" else MODELS + "/student_base",
         TASK_DIR + "/teacher/checkpoints.json",
     output:
         IOA_PLAN,
     params:
         task=TASK,
-        settings=settings("ioa", "evaluate", exclude=["ioa.synthesis"]),
+        settings=settings("ioa", "evaluate", "distill.init", exclude=["ioa.synthesis"]),
     conda:
         CONDA_ENV
     log:

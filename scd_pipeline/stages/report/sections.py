@@ -454,6 +454,8 @@ def schedule_blocks(inputs: ReportInputs, drawn: set[str]) -> list[Block]:
 
 
 PAPER_TAU_GAP = 0.3  # IOA's deficiency threshold in its paper (SPEC 4.6)
+DIAGNOSED = {"student_base": "the base student, where the curriculum starts (distill.init: base)",
+             "student_sft": "the SFT student, where the curriculum starts (distill.init: sft)"}
 
 
 def curriculum_blocks(inputs: ReportInputs, drawn: set[str]) -> list[Block]:
@@ -468,10 +470,10 @@ def curriculum_blocks(inputs: ReportInputs, drawn: set[str]) -> list[Block]:
             f"{edge:.3f}" for edge in plan.get("strata_edges") or [])
         thresholds = plan["thresholds"]
         blocks += [("p", f"Knowledge modules: {basis}. Identifier (validation split, {plan['val_rows']} rows): "
-                         f"gap Δ = (P_T − P_S) / P_T of T* against the SFT student; deficient when Δ > "
+                         f"gap Δ = (P_T − P_S) / P_T of T* against {DIAGNOSED.get(plan.get('diagnosed'), 'the SFT student')}; deficient when Δ > "
                          f"τ_gap = {thresholds['tau_gap']:g}; severity = {thresholds['gap_weight']:g}·Δ + "
                          f"{1 - thresholds['gap_weight']:g}·dependency. {plan['dependency']}."),
-                   ("table", Table(["Module", "Val rows", "P_T", "P_S (SFT)", "Δ", "Severity", "Deficient"],
+                   ("table", Table(["Module", "Val rows", "P_T", "P_S", "Δ", "Severity", "Deficient"],
                                    [[m["module"], str(m["val_rows"]), fmt(m["teacher"]), fmt(m["student"]),
                                      fmt(m["gap"], True), fmt(m["severity"]), "yes" if m["deficient"] else "no"]
                                     for m in plan["modules"]])),
