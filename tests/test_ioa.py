@@ -385,7 +385,8 @@ def curriculum_run(tmp_path_factory):
         run_cli(root, "synthesize")
     for command in (["cache-logits", "--synthetic", "--checkpoint", "1"],
                     ["cache-logits", "--synthetic", "--checkpoint", "2"],
-                    ["estimate-subdomains", "--synthetic"], ["distill", "--method", "ioa"],
+                    # ioa with an open budget (every stage gated to its end); scd_aw+ioa matched (the default)
+                    ["estimate-subdomains", "--synthetic"], ["distill", "--method", "ioa", "--set", "ioa.budget=open"],
                     ["distill", "--method", "scd_aw+ioa"]):
         run_cli(root, *command)
     return root
@@ -482,15 +483,33 @@ def test_curriculum_trains_stage_by_stage_through_the_mastery_gates(curriculum_r
     assert len(schedule["phases"]) == len(passes)
     assert all(phase["checkpoint"] == schedule["best_index"] for phase in schedule["phases"])  # ioa: T*
     assert schedule["lr_schedule"] == "per_phase"  # open length: every pass restarts, whatever distill.schedule says
+    assert schedule["budget_steps"] is None and record["budget"] == "open" and record["ended"] == "last gate"
     scd = json.loads((task / "students/scd_aw+ioa/schedule.json").read_text())
     assert all(phase["candidates"] for phase in scd["phases"])  # SCD's choice at every pass start
+
+
+def test_a_matched_curriculum_spends_the_plain_methods_steps_under_one_schedule(curriculum_run):
+    """ioa.budget: matched (the default): 2 phases x 1 epoch over 24 rows in micro-batches of 4 =
+    12 optimizer steps, the plain method's, under distill.schedule (whole_run: one AdamW state, one
+    LR schedule); the gates decide how they are spent, and the curriculum stops when they are."""
+    task = curriculum_run / "results/demo"
+    schedule = json.loads((task / "students/scd_aw+ioa/schedule.json").read_text())
+    record = json.loads((task / "students/scd_aw+ioa/curriculum.json").read_text())
+    opened = json.loads((task / "students/ioa/schedule.json").read_text())
+    assert schedule["budget_steps"] == 12 and record["budget"] == "matched"
+    assert schedule["lr_schedule"] == "whole_run"
+    assert record["ended"] in ("budget", "last gate")
+    assert schedule["total_steps"] == 12 if record["ended"] == "budget" else schedule["total_steps"] <= 12
+    assert opened["total_steps"] > 12  # the open curriculum ran past the plain method's budget
+    last = schedule["phases"][-1]
+    assert last["last_step"] == schedule["total_steps"] and schedule["train_tokens"] > 0
 
 
 def test_a_killed_curriculum_run_resumes_mid_stage_to_the_same_student(curriculum_run, tmp_path):
     root = tmp_path / "copy"
     shutil.copytree(curriculum_run, root, copy_function=shutil.copy2)
     config = load_config(root / "tiny.yaml", {"results_dir": str(root / "results"),
-                                              "distill.resume_every_minutes": 0})
+                                              "distill.resume_every_minutes": 0, "ioa.budget": "open"})
     reference = json.loads((root / "results/demo/students/ioa/curriculum.json").read_text())
     middle = reference["passes"][1]
     kill_at = middle["first_step"]  # inside the second pass, after its first step
@@ -526,6 +545,10 @@ def test_report_shows_the_curriculum_rows_plot_and_synthesis_yield(curriculum_ru
     summary = pd.read_csv(task / "summary.csv")
     assert {"IOA", "SCD+AW+IOA"} <= set(summary["model"])
     assert "The mastery gates score the live student on the validation split" in text
+    table = re.split(r"\| Student +\| Optimizer steps", text)[1].split("\n\n")[0].splitlines()[2:]
+    spent = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]] for r in table}
+    assert spent["IOA"][0] == "15" and spent["IOA"][2:] == ["per_phase", "open, ended at last gate"]
+    assert spent["SCD+AW+IOA"][0] == "12" and spent["SCD+AW+IOA"][2:] == ["whole_run", "matched, ended at budget"]
     assert "not the paper's 0.3" not in text  # the default τ_gap is the paper's
     plan_file = task / "ioa/plan.json"
     original = plan_file.read_text()

@@ -409,6 +409,7 @@ class Phase:
     epochs: float
     rows: Sequence[int] | None = None  # None: every row of the frame
     record: dict = field(default_factory=dict)
+    max_steps: int | None = None  # the phase stops after this many optimizer steps (a budget's last phase)
 
 
 @dataclass
@@ -601,7 +602,7 @@ def run_training(recipe: Recipe, accelerator, model: torch.nn.Module, tokenizer,
             phase = recipe.next_phase(ctx, index)
             if phase is None:
                 break
-            plan = _plan_of(phase, frame, settings, micro_per_step, index)
+            plan = _plan_of(phase, frame, settings, micro_per_step, index)[:phase.max_steps]
             phase_record = {"phase": index + 1, **phase.record, "first_step": progress["step"] + 1,
                             "last_step": progress["step"] + len(plan), "epochs": phase.epochs, "plan": plan}
             progress["phases"].append(phase_record)
@@ -655,6 +656,7 @@ def run_training(recipe: Recipe, accelerator, model: torch.nn.Module, tokenizer,
         if accelerator.is_main_process:  # tokens of every process: the step's rate is the run's
             worklog.add("train", int(totals[-1]), time.perf_counter() - step_started)
         progress["step"] += 1
+        progress["tokens"] = progress.get("tokens", 0) + int(totals[-1])  # every process's, the run's budget
         per_weight = 1.0 / step_weight if step_weight > 0 else 0.0
         result = StepResult(progress["step"], index + 1, epoch, step_rows, weights,
                             {n: totals[1 + i] * per_weight for i, n in enumerate(names)}, totals[0],

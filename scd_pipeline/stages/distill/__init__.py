@@ -12,7 +12,8 @@ what differs between methods (:mod:`scd_pipeline.engine.methods`) is three small
 Training runs in N phases (``distill.phases``, default one per teacher checkpoint) of E epochs
 (``distill.epochs_per_phase``); AdamW's moments and the cosine-with-warm-up LR schedule restart
 at every phase (``distill.schedule: per_phase``, the paper) or run once over all phases
-(``whole_run``; a curriculum, whose length is open, restarts at every pass either way). The teacher signal comes only from the caches ``logits/ckpt-{k}.parquet``: no
+(``whole_run``; a curriculum under ``ioa.budget: matched`` gets the plain method's steps and
+follows the same setting, an ``open`` one restarts at every pass). The teacher signal comes only from the caches ``logits/ckpt-{k}.parquet``: no
 teacher forward ever runs here. What ``estimate-subdomains`` already computed is read from its
 artifacts, not recomputed: SCD's probe ids and KL(T* || c) from ``subdomains.json``, AW's
 per-sample weights (``aw_ckpt_{k}`` = L_S^SFT / (L_S^SFT + L_c)) from ``subdomains.parquet``.
@@ -151,12 +152,13 @@ def run_distill(config: dict, method: str, weighting: str | None = None, name: s
                          f"{len(tokenizer)}; prepare the student from a model of this tokenizer")
     loop = LoopSettings.from_section(settings, settings["lr"], config["seed"])
     fingerprint = _fingerprint(config, spec, paths, caches, accelerator.num_processes, inputs)
-    if spec.curriculum:
-        recipe = CurriculumRecipe(config, spec, name, paths, frame, caches, schedule, best, subdomains,
-                                  n_phases, None, curriculum=curriculum)
+    # the plain method's optimizer steps: phases x epochs_per_phase over the training rows
+    total = n_phases * planned_steps(len(train), loop.batch_size, loop.grad_accum * accelerator.num_processes,
+                                     settings["epochs_per_phase"])
+    if spec.curriculum:  # a matched curriculum spends the same steps; an open one passes until its last gate
+        recipe = CurriculumRecipe(config, spec, name, paths, frame, caches, schedule, best, subdomains, n_phases,
+                                  total if config["ioa"]["budget"] == "matched" else None, curriculum=curriculum)
     else:
-        total = n_phases * planned_steps(len(train), loop.batch_size, loop.grad_accum * accelerator.num_processes,
-                                         settings["epochs_per_phase"])
         recipe = DistillRecipe(config, spec, name, paths, train, caches, schedule, best, subdomains, n_phases, total)
     loop = dataclasses.replace(loop, restart_each_phase=recipe.lr_schedule == "per_phase")
     run_training(recipe, accelerator, model, tokenizer, frame, loop, paths.state, fingerprint, after_step)

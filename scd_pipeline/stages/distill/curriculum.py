@@ -140,6 +140,11 @@ class CurriculumRecipe(DistillRecipe):
         if index > 0 and "decision" not in state["passes"][-1]:
             self.close_pass(ctx)
         if state["stage"] == len(self.stages):
+            state["ended"] = "last gate"
+            return None
+        spent = ctx.progress["step"]
+        if self.total_steps is not None and spent >= self.total_steps:
+            state["ended"] = "budget"  # the plain method's steps are spent: the student so far is published
             return None
         rows, counts = self.pass_rows(state["stage"], state["weak"], index)
         kind = "first" if state["weak"] is None else "remedial"
@@ -147,7 +152,8 @@ class CurriculumRecipe(DistillRecipe):
         state["passes"].append({"pass": index + 1, "stage": state["stage"] + 1, "kind": kind, "units": units,
                                 "rows": counts, "first_step": ctx.progress["step"] + 1})
         record = {**self.checkpoint_record(ctx, index), "stage": state["stage"] + 1, "pass_kind": kind}
-        return Phase(self.ioa["epochs_per_pass"], rows=rows, record=record)
+        return Phase(self.ioa["epochs_per_pass"], rows=rows, record=record,
+                     max_steps=None if self.total_steps is None else self.total_steps - spent)
 
     # -- the record
     def curriculum_record(self, ctx: LoopContext) -> dict:
@@ -164,6 +170,8 @@ class CurriculumRecipe(DistillRecipe):
                         dependency[f"{i} -> {j}"] = value
         return {"method": self.method.name, "name": self.name, "thresholds": self.curriculum.plan["thresholds"],
                 "epochs_per_pass": self.ioa["epochs_per_pass"], "stages": self.stages,
+                "budget": self.ioa["budget"], "budget_steps": self.total_steps, "steps": ctx.progress["step"],
+                "ended": ctx.state["curriculum"].get("ended"),
                 "teacher_scores": teacher, "synthetic_rows": self.curriculum.synthetic_rows,
                 "passes": passes, "mastered_all": all(p.get("decision") == ADVANCE for p in passes
                                                       if p.get("decision") != REMEDIAL),

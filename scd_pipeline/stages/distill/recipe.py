@@ -55,12 +55,13 @@ class DistillRecipe(Recipe):
 
     def __init__(self, config: dict, method: Method, name: str, paths: DistillPaths, frame: pd.DataFrame,
                  caches: dict[int, LogitCache], schedule: list[int | str] | None, best: int,
-                 subdomains: Subdomains | None, n_phases: int, total_steps: int) -> None:
+                 subdomains: Subdomains | None, n_phases: int, total_steps: int | None) -> None:
         self.config, self.settings = config, config["distill"]
         self.method, self.name, self.paths = method, name, paths
         self.frame, self.caches, self.schedule, self.best = frame, caches, schedule, best
         self.subdomains, self.n_phases, self.total_steps = subdomains, n_phases, total_steps
-        self.lr_schedule = "per_phase" if method.curriculum else self.settings["schedule"]
+        # an open curriculum (no step count up front) restarts AdamW and the LR schedule every pass
+        self.lr_schedule = "per_phase" if total_steps is None else self.settings["schedule"]
         self.description = f"distill {name}"
         self.top_k = min(cache.k for cache in caches.values())
         self.sample_ids = frame["sample_id"].to_numpy()
@@ -154,7 +155,8 @@ class DistillRecipe(Recipe):
             "cd_mode": self.settings["cd_mode"] if self.method.schedule == "cd" else None,
             "best_index": self.best, "checkpoints": sorted(self.caches), "n_phases": len(phases),
             "epochs_per_phase": self.settings["epochs_per_phase"], "lr_schedule": self.lr_schedule,
-            "total_steps": ctx.progress["step"], "phases": phases,
+            "total_steps": ctx.progress["step"], "train_tokens": ctx.progress.get("tokens", 0),
+            "budget_steps": self.total_steps, "phases": phases,
         }
         if self.method.schedule == "scd":
             record["probe"] = {"size": len(self.probe), "source": str(self.paths.summary),

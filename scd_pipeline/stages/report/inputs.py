@@ -360,6 +360,7 @@ class ReportInputs:
     shares: pd.DataFrame | None
     evidence: TaskEvidence | None = None
     curricula: dict[str, dict] = field(default_factory=dict)  # student -> curriculum.json (first seed)
+    budgets: dict[str, dict] = field(default_factory=dict)  # student -> what it spent (schedule.json, first seed)
     ioa_plan: dict | None = None
     synthesis: dict | None = None
     differences: pd.DataFrame = field(default_factory=pd.DataFrame)
@@ -423,7 +424,7 @@ def gather_inputs(config: dict, details: bool = True) -> ReportInputs:
     if evidence is not None:
         teacher_tests.update({k: evidence.interval(f"teacher-ckpt-{k}", primary) for k in checkpoint_evals
                               if evidence.interval(f"teacher-ckpt-{k}", primary) is not None})
-    schedules, curricula = {}, {}
+    schedules, curricula, budgets = {}, {}, {}
     for name in student_names(config, root):
         for folder in ([root / "students" / replicate_student_name(name, s) for s in replicate_indices(config, root, name)][:1]
                        or [root / "students" / name]):
@@ -431,6 +432,9 @@ def gather_inputs(config: dict, details: bool = True) -> ReportInputs:
             if path.is_file():
                 phases = read_schedule(path)
                 schedules[name] = (phases, chosen_terms(phases))
+                record = read_json(path)
+                budgets[name] = {key: record.get(key) for key in ("total_steps", "train_tokens", "budget_steps",
+                                                                  "lr_schedule")}
             if (folder / CURRICULUM_FILE).is_file():
                 curricula[name] = read_json(folder / CURRICULUM_FILE)
     subdomain_summary, subdomain_table = read_subdomains(root)
@@ -442,7 +446,7 @@ def gather_inputs(config: dict, details: bool = True) -> ReportInputs:
         best_index=best_index,
         teacher_tests=teacher_tests, schedules=schedules, subdomain_summary=subdomain_summary,
         subdomain_table=subdomain_table, shares=sfs_shares(subdomain_summary, subdomain_table), evidence=evidence,
-        curricula=curricula, ioa_plan=ioa_plan, synthesis=synthesis)
+        curricula=curricula, budgets=budgets, ioa_plan=ioa_plan, synthesis=synthesis)
     if evidence is not None:
         inputs.differences = differences
         if details:

@@ -148,6 +148,20 @@ def conclusion_sentence(inputs: ReportInputs) -> str:
     return text
 
 
+def budget_table(inputs: ReportInputs) -> Table:
+    """What each distilled student spent (its schedule.json; a replicated method's first seed)."""
+    rows = []
+    for name, spent in inputs.budgets.items():
+        curriculum = inputs.curricula.get(name)
+        mode = "—" if curriculum is None else (f"{curriculum.get('budget', 'open')}, ended at "
+                                               f"{curriculum.get('ended') or '?'}")
+        tokens = spent.get("train_tokens")
+        rows.append([method_label(name), fmt(spent.get("total_steps")),
+                     f"{tokens:,}" if isinstance(tokens, int) and tokens else "—",
+                     str(spent.get("lr_schedule") or "—"), mode])
+    return Table(["Student", "Optimizer steps", "Training tokens", "LR schedule", "Curriculum budget"], rows)
+
+
 def resolution_text(found: Resolution | None) -> str:
     if found is None:
         return "Not computed: fewer than two students have per-row predictions."
@@ -338,6 +352,12 @@ def results_blocks(inputs: ReportInputs, drawn: set[str]) -> list[Block]:
     label = METRIC_LABELS[inputs.tag_metric]
     blocks: list[Block] = [("h2", "Results"), ("table", results_table(inputs)),
                            ("p", conclusion_sentence(inputs))]
+    if inputs.budgets:
+        blocks += [("p", "What each distilled student spent: optimizer steps, training tokens (prompt + "
+                         "completion, every process), its LR schedule and, for a curriculum, its budget "
+                         "(`ioa.budget`: matched = the plain method's steps) and what ended it. Compare "
+                         "methods at equal steps."),
+                   ("table", budget_table(inputs))]
     if RESULTS_PLOT in drawn:
         blocks.append(("image", Image(f"plots/{RESULTS_PLOT}", f"{METRIC_LABELS[inputs.primary]} with "
                                       "intervals; T* and the SFT student as reference lines")))
