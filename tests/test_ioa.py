@@ -387,7 +387,7 @@ def curriculum_run(tmp_path_factory):
                     ["cache-logits", "--synthetic", "--checkpoint", "2"],
                     # ioa with an open budget (every stage gated to its end); scd_aw+ioa matched (the default)
                     ["estimate-subdomains", "--synthetic"], ["distill", "--method", "ioa", "--set", "ioa.budget=open"],
-                    ["distill", "--method", "scd_aw+ioa"]):
+                    ["distill", "--method", "scd_aw+ioa"], ["distill", "--method", "td+synthetic"]):
         run_cli(root, *command)
     return root
 
@@ -486,6 +486,21 @@ def test_curriculum_trains_stage_by_stage_through_the_mastery_gates(curriculum_r
     assert schedule["budget_steps"] is None and record["budget"] == "open" and record["ended"] == "last gate"
     scd = json.loads((task / "students/scd_aw+ioa/schedule.json").read_text())
     assert all(phase["candidates"] for phase in scd["phases"])  # SCD's choice at every pass start
+
+
+def test_the_synthetic_control_trains_on_the_curriculums_data_without_it_at_the_same_budget(curriculum_run):
+    """td+synthetic: the 24 training rows plus the kept synthetic items, no curriculum, each phase
+    one epoch over them cut at the plain method's 6 steps: 12 steps, the plain method's budget."""
+    task = curriculum_run / "results/demo"
+    schedule = json.loads((task / "students/td+synthetic/schedule.json").read_text())
+    kept = len(read_split(task / "data/synthetic.parquet"))
+    assert kept > 0 and schedule["synthetic_rows"] == kept and schedule["rows"] == 24 + kept
+    assert [p["last_step"] - p["first_step"] + 1 for p in schedule["phases"]] == [6, 6]
+    assert schedule["total_steps"] == schedule["budget_steps"] == 12 and schedule["lr_schedule"] == "whole_run"
+    assert not (task / "students/td+synthetic/curriculum.json").exists()
+    assert parse_method("td+synthetic").label == "TD+SYNTHETIC" and not parse_method("td+synthetic").curriculum
+    with pytest.raises(ConfigError, match="the curriculum trains on the synthetic items already"):
+        parse_method("ioa+synthetic")
 
 
 def test_a_matched_curriculum_spends_the_plain_methods_steps_under_one_schedule(curriculum_run):

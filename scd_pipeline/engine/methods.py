@@ -9,6 +9,8 @@ A method is a checkpoint schedule plus per-sample weightings:
   on each sample's loss);
 - the curriculum: ``+ioa`` trains stage by stage through IOA's mastery-gated curriculum, on the
   training rows plus the teacher-synthesised ones (:mod:`scd_pipeline.math.curriculum`);
+- ``+synthetic``: the same training rows plus IOA's teacher-written items, no curriculum, at the
+  plain method's budget: the control that tells the curriculum's effect from its data's;
 - ``scd_aw`` is the paper's name for ``scd+aw``; ``ioa`` alone is ``td+ioa`` (T* targets).
 
 Canonical labels put the schedule first and the suffixes in that order: ``td+paced``,
@@ -24,7 +26,7 @@ from scd_pipeline.errors import ConfigError
 
 SCHEDULES = ("td", "cd", "scd", "taid")
 BASE_METHODS = ("td", "cd", "scd", "scd_aw", "taid", "ioa")
-SUFFIXES = ("aw", "paced", "ioa")
+SUFFIXES = ("aw", "paced", "synthetic", "ioa")
 WEIGHTINGS = ("none", "aw", "paced")
 LABELS = {"td": "TD", "cd": "CD", "taid": "TAID", "scd": "SCD", "scd_aw": "SCD+AW", "ioa": "IOA"}
 
@@ -37,6 +39,7 @@ class Method:
     adaptive: bool   # AW: w = L_S^SFT / (L_S^SFT + L_c*) instead of lambda
     paced: bool      # PACED: per-sample weight p^alpha (1 - p)^beta on the loss
     curriculum: bool = False  # IOA: mastery-gated stages over knowledge modules + synthetic rows
+    synthetic: bool = False   # IOA's synthetic rows beside the training rows, no curriculum
 
     @property
     def name(self) -> str:
@@ -48,6 +51,7 @@ class Method:
         else:
             base, suffixes = self.schedule, ["aw"] if self.adaptive else []
         suffixes += ["paced"] if self.paced else []
+        suffixes += ["synthetic"] if self.synthetic else []
         suffixes += ["ioa"] if self.curriculum and base != "ioa" else []
         return "+".join([base, *suffixes])
 
@@ -56,6 +60,11 @@ class Method:
         """Paper-style row label: ``SCD+AW``, ``TD+PACED``, ``SCD+AW+IOA``."""
         base, *suffixes = self.name.split("+")
         return "+".join([LABELS[base], *(suffix.upper() for suffix in suffixes)])
+
+    @property
+    def uses_synthetic(self) -> bool:
+        """Trains on IOA's teacher-written items too (the curriculum, or the +synthetic control)."""
+        return self.curriculum or self.synthetic
 
     @property
     def needs_subdomains(self) -> bool:
@@ -73,7 +82,7 @@ def parse_method(method: str, weighting: str | None = None) -> Method:
                           f"{', '.join(BASE_METHODS)} (optionally +aw / +paced / +ioa)")
     bad = [s for s in suffixes if s not in SUFFIXES]
     if bad or len(set(suffixes)) != len(suffixes) or (base == "ioa" and "ioa" in suffixes):
-        raise ConfigError(f"method {method!r}: suffixes must be +aw, +paced and/or +ioa, each once")
+        raise ConfigError(f"method {method!r}: suffixes must be +aw, +paced, +synthetic and/or +ioa, each once")
     if weighting is not None and weighting not in WEIGHTINGS:
         raise ConfigError(f"--weighting {weighting!r}: choose one of {', '.join(WEIGHTINGS)}")
     adaptive = base == "scd_aw" or "aw" in suffixes or weighting == "aw"
@@ -81,6 +90,10 @@ def parse_method(method: str, weighting: str | None = None) -> Method:
     if weighting == "none" and (adaptive or paced):
         raise ConfigError(f"--weighting none contradicts method {method!r}, which weights samples")
     curriculum = base == "ioa" or "ioa" in suffixes
+    synthetic = "synthetic" in suffixes
+    if synthetic and curriculum:
+        raise ConfigError(f"method {method!r}: the curriculum trains on the synthetic items already; "
+                          "+synthetic is its control without the curriculum (e.g. td+synthetic)")
     schedule = {"scd_aw": "scd", "ioa": "td"}.get(base, base)
     if schedule == "taid" and adaptive:
         raise ConfigError(f"method {method!r}: TAID has no CE/KD mix for AW to weight; use taid or "
@@ -88,7 +101,7 @@ def parse_method(method: str, weighting: str | None = None) -> Method:
     if schedule == "taid" and curriculum:
         raise ConfigError(f"method {method!r}: TAID's t schedule needs the run's length up front, which "
                           "the curriculum's remedial rounds leave open; use td+ioa (ioa) or scd_aw+ioa")
-    return Method(schedule, adaptive, paced, curriculum)
+    return Method(schedule, adaptive, paced, curriculum, synthetic)
 
 
 def default_name(method: str, weighting: str | None = None) -> str:

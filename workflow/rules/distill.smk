@@ -25,12 +25,12 @@ def distill_init(wildcards):
 
 
 def curriculum_inputs(wildcards):
-    """A curriculum method (ioa, X+ioa) also reads IOA's plan, the synthetic items and their caches
-    (and their adaptive weights when it weights samples)."""
+    """A curriculum method (ioa, X+ioa) also reads IOA's plan; it and a +synthetic control read the
+    synthetic items and their caches (and their adaptive weights when it weights samples)."""
     method = parse_method(STUDENTS[wildcards.student][0])
-    if not method.curriculum:
+    if not method.uses_synthetic:
         return []
-    files = IOA_PLAN + [SYNTHETIC] + SYNTHETIC_CACHES
+    files = (IOA_PLAN if method.curriculum else []) + [SYNTHETIC] + SYNTHETIC_CACHES
     if method.needs_subdomains:
         files += [TASK_DIR + "/subdomains-synthetic.parquet", TASK_DIR + "/subdomains-synthetic.json"]
     return files
@@ -40,8 +40,11 @@ def distill_settings(wildcards):
     """The settings a student's result depends on (its params rerun trigger): the method list
     itself is left out, so adding a method trains only that one."""
     keys = ["seed", "distill", "subdomains", "cache.temperature"]
-    if parse_method(STUDENTS[wildcards.student][0]).curriculum:
+    method = parse_method(STUDENTS[wildcards.student][0])
+    if method.curriculum:
         keys += ["ioa", "evaluate"]  # the mastery gates score the student on the validation split
+    elif method.synthetic:
+        keys += ["ioa"]  # the synthetic items it trains on
     return settings(*keys, exclude=["distill.methods"])
 
 

@@ -21,7 +21,7 @@ rule report:
         TASK_DIR + "/teacher/checkpoints.json",
         expand(TASK_DIR + "/students/{student}", student=STUDENTS),
         # IOA's plan and synthesis yield, when a curriculum method ran
-        [*IOA_PLAN, SYNTHESIS_SUMMARY] if any(parse_method(m).curriculum for m in METHODS) else [],
+        [*IOA_PLAN, SYNTHESIS_SUMMARY] if any(parse_method(m).uses_synthetic for m in METHODS) else [],
     output:
         markdown=TASK_DIR + "/report.md",
         html=report(TASK_DIR + "/report.html", category=REPORT_CATEGORY, labels={"file": "report"}),

@@ -65,6 +65,7 @@ from scd_pipeline.stages.distill.inputs import (
     distill_paths,
     read_subdomains,
     require_inputs,
+    with_synthetic,
 )
 from scd_pipeline.stages.distill.objective import (
     AVERAGE,
@@ -133,12 +134,16 @@ def run_distill(config: dict, method: str, weighting: str | None = None, name: s
     if spec.curriculum:
         frame, caches, curriculum, files = curriculum_inputs(config, paths, train, spec, caches, best, tokenizer)
         inputs += files
+    elif spec.synthetic:  # the control: the curriculum's data without the curriculum
+        frame, caches, _ = with_synthetic(config, paths, train, caches, tokenizer)
+        inputs += [paths.synthetic] + ([paths.synthetic_subdomains, paths.synthetic_summary]
+                                       if spec.needs_subdomains else [])
     for cache in caches.values():
         check_cache_covers(cache, frame)
         check_cache_width(cache, len(tokenizer))
     subdomains = None
     if spec.needs_subdomains:
-        synthetic_caches = {k: c.caches[1] for k, c in caches.items()} if spec.curriculum else None
+        synthetic_caches = {k: c.caches[1] for k, c in caches.items()} if spec.uses_synthetic else None
         subdomains = read_subdomains(paths, frame, train_caches, synthetic_caches)
 
     accelerator = make_accelerator(settings["precision"])
@@ -152,14 +157,19 @@ def run_distill(config: dict, method: str, weighting: str | None = None, name: s
                          f"{len(tokenizer)}; prepare the student from a model of this tokenizer")
     loop = LoopSettings.from_section(settings, settings["lr"], config["seed"])
     fingerprint = _fingerprint(config, spec, paths, caches, accelerator.num_processes, inputs)
-    # the plain method's optimizer steps: phases x epochs_per_phase over the training rows
-    total = n_phases * planned_steps(len(train), loop.batch_size, loop.grad_accum * accelerator.num_processes,
-                                     settings["epochs_per_phase"])
+    # the plain method's optimizer steps: phases x epochs_per_phase over the training rows (a
+    # +synthetic control visits as many rows per phase, drawn from the training and synthetic rows)
+    micro = loop.grad_accum * accelerator.num_processes
+    phase_steps = planned_steps(len(train), loop.batch_size, micro, settings["epochs_per_phase"])
+    plain = n_phases * phase_steps
     if spec.curriculum:  # a matched curriculum spends the same steps; an open one passes until its last gate
         recipe = CurriculumRecipe(config, spec, name, paths, frame, caches, schedule, best, subdomains, n_phases,
-                                  total if config["ioa"]["budget"] == "matched" else None, curriculum=curriculum)
+                                  plain if config["ioa"]["budget"] == "matched" else None,
+                                  synthetic_rows=len(frame) - len(train), curriculum=curriculum)
     else:
-        recipe = DistillRecipe(config, spec, name, paths, train, caches, schedule, best, subdomains, n_phases, total)
+        # a +synthetic control: each phase over the training and synthetic rows, cut at the plain phase's steps
+        recipe = DistillRecipe(config, spec, name, paths, frame, caches, schedule, best, subdomains, n_phases, plain,
+                               phase_steps if spec.synthetic else None, synthetic_rows=len(frame) - len(train))
     loop = dataclasses.replace(loop, restart_each_phase=recipe.lr_schedule == "per_phase")
     run_training(recipe, accelerator, model, tokenizer, frame, loop, paths.state, fingerprint, after_step)
     return paths.output

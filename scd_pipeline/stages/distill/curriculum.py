@@ -12,7 +12,6 @@ import numpy as np
 import pandas as pd
 from torch import Tensor
 
-from scd_pipeline.engine.batching import read_split
 from scd_pipeline.engine.curriculum_files import (
     VAL_SCORES_FILE,
     ioa_dir,
@@ -20,7 +19,7 @@ from scd_pipeline.engine.curriculum_files import (
     validation_rows,
 )
 from scd_pipeline.engine.io import write_json
-from scd_pipeline.engine.logit_cache import CacheUnion, LogitCache, open_task_cache
+from scd_pipeline.engine.logit_cache import LogitCache, open_task_cache
 from scd_pipeline.engine.methods import Method
 from scd_pipeline.engine.scoring import predict_split
 from scd_pipeline.engine.training import (
@@ -37,7 +36,7 @@ from scd_pipeline.math.curriculum import (
     replay_count,
     row_members,
 )
-from scd_pipeline.stages.distill.inputs import CURRICULUM_FILE, DistillPaths
+from scd_pipeline.stages.distill.inputs import CURRICULUM_FILE, DistillPaths, with_synthetic
 from scd_pipeline.stages.distill.recipe import DistillRecipe
 
 # --------------------------------------------------------------------------- the IOA curriculum
@@ -213,10 +212,7 @@ def curriculum_inputs(config: dict, paths: DistillPaths, train: pd.DataFrame, sp
                        caches: dict[int, LogitCache], best: int, tokenizer) -> tuple[pd.DataFrame, dict, CurriculumData, list[Path]]:
     """IOA: the training rows plus the synthetic items (one frame), every checkpoint's cache of
     both read as one, the plan and the gates' validation rows; and the files read."""
-    synthetic = read_split(paths.synthetic)
-    frame = pd.concat([train, synthetic[list(train.columns)]], ignore_index=True)
-    synthetic_caches = {index: open_task_cache(config, index, tokenizer, synthetic=True) for index in caches}
-    union = {index: CacheUnion([caches[index], synthetic_caches[index]]) for index in caches}
+    frame, union, synthetic = with_synthetic(config, paths, train, caches, tokenizer)
     best_stats = union[best].stats() if best in union else pd.concat(
         [open_task_cache(config, best, tokenizer, synthetic=flag).stats() for flag in (False, True)])
     curriculum = read_curriculum_data(config, train, synthetic, best_stats)

@@ -10,13 +10,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from scd_pipeline.engine.batching import read_split
 from scd_pipeline.engine.config import task_dir
 from scd_pipeline.engine.curriculum_files import (
     VAL_SCORES_FILE,
     ioa_dir,
 )
 from scd_pipeline.engine.io import read_json
-from scd_pipeline.engine.logit_cache import LogitCache, cache_path
+from scd_pipeline.engine.logit_cache import CacheUnion, LogitCache, cache_path, open_task_cache
 from scd_pipeline.engine.methods import Method
 from scd_pipeline.engine.models import is_model_dir
 from scd_pipeline.errors import ConfigError, DataError, ModelError
@@ -72,7 +73,8 @@ def distill_paths(config: dict, name: str) -> DistillPaths:
 
 def require_inputs(config: dict, paths: DistillPaths, method: Method, checkpoints: dict, needed: Sequence[int]) -> None:
     """Refuse, before any model is loaded, a missing input, naming the command that makes it
-    (a curriculum method also reads IOA's plan, the synthetic items, their caches and weights)."""
+    (a curriculum method also reads IOA's plan; it and a +synthetic control the synthetic items,
+    their caches and weights)."""
     if not is_model_dir(paths.init):
         init = config["distill"]["init"]
         command = ("scd-pipeline prepare-model --role student" if init == "base"
@@ -91,8 +93,9 @@ def require_inputs(config: dict, paths: DistillPaths, method: Method, checkpoint
     if method.needs_subdomains:
         needs += [(path, "estimate-subdomains") for path in (paths.subdomains, paths.summary)]
     if method.curriculum:
-        needs += [(ioa_dir(config) / "plan.json", "ioa-plan"), (ioa_dir(config) / VAL_SCORES_FILE, "ioa-plan"),
-                  (paths.synthetic, "synthesize")]
+        needs += [(ioa_dir(config) / "plan.json", "ioa-plan"), (ioa_dir(config) / VAL_SCORES_FILE, "ioa-plan")]
+    if method.uses_synthetic:
+        needs += [(paths.synthetic, "synthesize")]
         needs += [(cache_path(paths.data.parent, index, synthetic=True), f"cache-logits --synthetic --checkpoint {index}")
                   for index in needed]
         if method.needs_subdomains:
@@ -157,3 +160,13 @@ def read_subdomains(paths: DistillPaths, frame: pd.DataFrame, caches: Mapping[in
     return Subdomains(probe_ids=list(summary["probe"]["sample_ids"]),
                       kl_best_to_c={int(k): float(v) for k, v in summary["kl_best_to_c"].items()},
                       aw={index: rows[f"aw_ckpt_{index}"].to_numpy(np.float64) for index in caches})
+
+
+def with_synthetic(config: dict, paths: DistillPaths, train: pd.DataFrame, caches: Mapping[int, LogitCache],
+                   tokenizer) -> tuple[pd.DataFrame, dict, pd.DataFrame]:
+    """The training rows plus IOA's synthetic items as one frame, every checkpoint's caches of both
+    read as one, and the synthetic items (the curriculum and the +synthetic control)."""
+    synthetic = read_split(paths.synthetic)
+    frame = pd.concat([train, synthetic[list(train.columns)]], ignore_index=True)
+    synthetic_caches = {index: open_task_cache(config, index, tokenizer, synthetic=True) for index in caches}
+    return frame, {index: CacheUnion([caches[index], synthetic_caches[index]]) for index in caches}, synthetic

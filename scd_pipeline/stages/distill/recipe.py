@@ -55,11 +55,16 @@ class DistillRecipe(Recipe):
 
     def __init__(self, config: dict, method: Method, name: str, paths: DistillPaths, frame: pd.DataFrame,
                  caches: dict[int, LogitCache], schedule: list[int | str] | None, best: int,
-                 subdomains: Subdomains | None, n_phases: int, total_steps: int | None) -> None:
+                 subdomains: Subdomains | None, n_phases: int, total_steps: int | None,
+                 phase_steps: int | None = None, synthetic_rows: int = 0) -> None:
         self.config, self.settings = config, config["distill"]
         self.method, self.name, self.paths = method, name, paths
         self.frame, self.caches, self.schedule, self.best = frame, caches, schedule, best
         self.subdomains, self.n_phases, self.total_steps = subdomains, n_phases, total_steps
+        # a phase is epochs_per_phase over the frame; with synthetic rows beside the training rows it
+        # stops at the plain method's phase steps, so the budget is the plain method's
+        self.phase_steps = phase_steps
+        self.synthetic_rows = synthetic_rows  # IOA's teacher-written items among the frame's rows
         # an open curriculum (no step count up front) restarts AdamW and the LR schedule every pass
         self.lr_schedule = "per_phase" if total_steps is None else self.settings["schedule"]
         self.description = f"distill {name}"
@@ -81,7 +86,8 @@ class DistillRecipe(Recipe):
     def next_phase(self, ctx: LoopContext, index: int) -> Phase | None:
         if index == self.n_phases:
             return None
-        return Phase(self.settings["epochs_per_phase"], record=self.checkpoint_record(ctx, index))
+        return Phase(self.settings["epochs_per_phase"], record=self.checkpoint_record(ctx, index),
+                     max_steps=self.phase_steps)
 
     def checkpoint_record(self, ctx: LoopContext, index: int) -> dict:
         """Phase ``index``'s teacher checkpoint: the fixed schedule's, or SCD's choice now (with
@@ -156,7 +162,8 @@ class DistillRecipe(Recipe):
             "best_index": self.best, "checkpoints": sorted(self.caches), "n_phases": len(phases),
             "epochs_per_phase": self.settings["epochs_per_phase"], "lr_schedule": self.lr_schedule,
             "total_steps": ctx.progress["step"], "train_tokens": ctx.progress.get("tokens", 0),
-            "budget_steps": self.total_steps, "phases": phases,
+            "budget_steps": self.total_steps, "rows": len(self.frame), "synthetic_rows": self.synthetic_rows,
+            "phases": phases,
         }
         if self.method.schedule == "scd":
             record["probe"] = {"size": len(self.probe), "source": str(self.paths.summary),
