@@ -236,14 +236,15 @@ def test_prompts_show_the_options_only_where_each_question_has_its_own():
         return pd.DataFrame({"sample_id": [f"s{i}" for i in range(len(suffixes))], "module": "m", "tag": "t",
                              "teacher_score": 1.0, "teacher_nll": [0.1 * i for i in range(len(suffixes))],
                              "body": [f"question {i}" for i in range(len(suffixes))], "suffix": suffixes,
-                             "choices": [["A", "B"]] * len(suffixes), "body_tokens": 3})
+                             "choices": [["A", "B"]] * len(suffixes), "body_tokens": 3, "suffix_tokens": 5})
     config = load_config(overrides={"ioa.synthesis.shots": 2, "ioa.synthesis.prompts_per_register": 1})
     per_question = _prompt_plan(config, PLAN_M, rows(
         ["\n\nA. x\nB. y\n\nPick.", "\n\nA. u\nB. v\n\nPick.", "\n\nA. p\nB. q\n\nPick."]))
     assert all(p["own_options"] and p["instruction"] == "Pick." for p in per_question)
+    assert all(p["max_body_tokens"] == 3 + 5 for p in per_question)  # the item is written with its options
     assert all(any(line.startswith("A. ") for line in body.splitlines()) for p in per_question for body in p["bodies"])
     shared = _prompt_plan(config, PLAN_M, rows(["\n\nA. x\nB. y\n\nPick."] * 3))
-    assert not any(p["own_options"] for p in shared)
+    assert not any(p["own_options"] for p in shared) and all(p["max_body_tokens"] == 3 for p in shared)
     assert all(body.startswith("question ") and "A. " not in body for p in shared for body in p["bodies"])
 
 

@@ -120,16 +120,18 @@ def plan_run(config: dict, hardware: Hardware, work: Workload) -> tuple[ModelSha
 
 
 # The Snakemake rules that take their resources from the plan: rule -> (the estimate of the work it
-# does, its fixed host-memory floor in MB: what it requests on a CPU or before the plan is known).
+# does, its fixed host memory in MB and runtime in minutes: what it requests on a CPU or before the
+# plan is known; the memory is also the floor of the planned request).
 PLANNED_RULES = {
-    "sft_teacher": ("sft_teacher", 16000),
-    "sft_student": ("sft_student", 16000),
-    "distill": ("distill", 16000),
-    "cache_logits": ("cache_logits", 8000),
-    "cache_logits_synthetic": ("cache_logits", 8000),
-    "estimate_subdomains": ("estimate_subdomains", 8000),
-    "estimate_subdomains_synthetic": ("estimate_subdomains", 8000),
-    "evaluate": ("evaluate (T*, base teacher)", 8000),
+    "sft_teacher": ("sft_teacher", 16000, 480),
+    "sft_student": ("sft_student", 16000, 480),
+    "sft_student_replicate": ("sft_student", 16000, 480),
+    "distill": ("distill", 16000, 480),
+    "cache_logits": ("cache_logits", 8000, 120),
+    "cache_logits_synthetic": ("cache_logits", 8000, 60),
+    "estimate_subdomains": ("estimate_subdomains", 8000, 60),
+    "estimate_subdomains_synthetic": ("estimate_subdomains", 8000, 60),
+    "evaluate": ("evaluate (T*, base teacher)", 8000, 60),
 }
 
 
@@ -149,4 +151,4 @@ def rule_resources(config: dict) -> dict[str, tuple[int, int]] | None:
 def rule_requests(estimates: list[Estimate]) -> dict[str, tuple[int, int]]:
     """Per planned rule, ``(mem_mb, runtime minutes)`` from the plan's ``estimates``."""
     by_name = {e.rule: e for e in estimates}
-    return {rule: requested(by_name[estimate], floor) for rule, (estimate, floor) in PLANNED_RULES.items()}
+    return {rule: requested(by_name[estimate], floor) for rule, (estimate, floor, _) in PLANNED_RULES.items()}

@@ -191,8 +191,8 @@ def _prompt_plan(config: dict, plan: dict, train: pd.DataFrame) -> list[dict]:
                                 "bodies": examples, "suffix": seeds["suffix"].iat[0], "own_options": own,
                                 "letters": [str(c) for c in seeds["choices"].iat[0]],
                                 "instruction": instruction, "tag": str(seeds["tag"].iat[0]),
-                                "max_body_tokens": int(seeds["body_tokens"].max())
-                                + (int(seeds["suffix"].str.len().max()) if own else 0)})
+                                # an item with options of its own is written with them
+                                "max_body_tokens": int((seeds["body_tokens"] + (seeds["suffix_tokens"] if own else 0)).max())})
     return prompts
 
 
@@ -324,8 +324,9 @@ def synthesize(config: dict) -> dict:
     model.eval()
     train = train.assign(teacher_nll=stats["nll_mean"].to_numpy(), teacher_score=stats["score"].to_numpy(),
                          body=[b for b, _ in parts], suffix=[s for _, s in parts])
-    train = train.assign(body_tokens=[len(ids) for ids in tokenizer([b for b, _ in parts],
-                                                                   add_special_tokens=False).input_ids],
+    lengths = {name: [len(ids) for ids in tokenizer([part[i] for part in parts], add_special_tokens=False).input_ids]
+               for i, name in enumerate(("body_tokens", "suffix_tokens"))}
+    train = train.assign(**lengths,
                          module=row_members({**plan, "split_nll": {}}, train["tag"], train["teacher_nll"]))
     prompts = _prompt_plan(config, plan, train)
     fingerprint = sha256_text(json.dumps({"plan": sha256_file(plan_file), "train": sha256_file(train_file),

@@ -21,8 +21,7 @@ rule cache_logits:
         TASK_DIR + "/benchmarks/cache_logits_{k}.tsv"
     threads: JOB_THREADS
     resources:
-        mem_mb=planned_mem_mb("cache_logits"),
-        runtime=planned_runtime("cache_logits", 120),
+        **planned_resources("cache_logits"),
         gpu=GPUS_ONE,
     shell:
         "OMP_NUM_THREADS={threads} {ON_GPU}{SCD} cache-logits --checkpoint {wildcards.k} "
@@ -51,8 +50,7 @@ rule cache_logits_synthetic:
         TASK_DIR + "/benchmarks/cache_logits_synthetic_{k}.tsv"
     threads: JOB_THREADS
     resources:
-        mem_mb=planned_mem_mb("cache_logits_synthetic"),
-        runtime=planned_runtime("cache_logits_synthetic", 60),
+        **planned_resources("cache_logits_synthetic"),
         gpu=GPUS_ONE,
     shell:
         "OMP_NUM_THREADS={threads} {ON_GPU}{SCD} cache-logits --synthetic --checkpoint {wildcards.k} "

@@ -68,15 +68,14 @@ def _planned(rule_name: str) -> tuple[int, int] | None:
     return _PLANNED.get(rule_name)
 
 
-def planned_mem_mb(rule_name: str):
+def planned_resources(rule_name: str) -> dict:
+    """``mem_mb`` and ``runtime`` of a rule: the plan's when known, else its fixed values (both
+    from engine/sizing.PLANNED_RULES). Use as ``resources: **planned_resources("rule"), gpu=...``."""
     from scd_pipeline.engine.sizing import PLANNED_RULES
 
-    fixed = PLANNED_RULES[rule_name][1]
-    return lambda wildcards, attempt: (_planned(rule_name) or (fixed, None))[0]
-
-
-def planned_runtime(rule_name: str, fixed: int):
-    return lambda wildcards, attempt: (_planned(rule_name) or (None, fixed))[1]
+    fixed = PLANNED_RULES[rule_name][1:]
+    return {"mem_mb": lambda wildcards, attempt: (_planned(rule_name) or fixed)[0],
+            "runtime": lambda wildcards, attempt: (_planned(rule_name) or fixed)[1]}
 
 
 def _scd_command() -> str:

@@ -73,8 +73,7 @@ rule distill:
         TASK_DIR + "/benchmarks/distill_{student}.tsv"
     threads: train_threads(JOB_THREADS)
     resources:
-        mem_mb=planned_mem_mb("distill"),
-        runtime=planned_runtime("distill", 480),
+        **planned_resources("distill"),
         gpu=GPUS,
     shell:
         "OMP_NUM_THREADS=" + TRAIN_OMP + " {ON_GPUS}{TRAIN} distill --method '{params.method}' --name '{wildcards.student}' "

@@ -21,8 +21,7 @@ rule estimate_subdomains:
         TASK_DIR + "/benchmarks/estimate_subdomains.tsv"
     threads: JOB_THREADS
     resources:
-        mem_mb=planned_mem_mb("estimate_subdomains"),
-        runtime=planned_runtime("estimate_subdomains", 60),
+        **planned_resources("estimate_subdomains"),
         gpu=GPUS_ONE,
     shell:
         "OMP_NUM_THREADS={threads} {ON_GPU}{SCD} estimate-subdomains --task {params.task} --config {CONFIG_FILE} > {log} 2>&1"
@@ -47,8 +46,7 @@ rule estimate_subdomains_synthetic:
         TASK_DIR + "/benchmarks/estimate_subdomains_synthetic.tsv"
     threads: JOB_THREADS
     resources:
-        mem_mb=planned_mem_mb("estimate_subdomains_synthetic"),
-        runtime=planned_runtime("estimate_subdomains_synthetic", 60),
+        **planned_resources("estimate_subdomains_synthetic"),
         gpu=GPUS_ONE,
     shell:
         "OMP_NUM_THREADS={threads} {ON_GPU}{SCD} estimate-subdomains --synthetic --task {params.task} "

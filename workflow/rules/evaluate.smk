@@ -71,8 +71,7 @@ rule evaluate:
         TASK_DIR + "/benchmarks/evaluate_{name}.tsv"
     threads: JOB_THREADS
     resources:
-        mem_mb=planned_mem_mb("evaluate"),
-        runtime=planned_runtime("evaluate", 60),
+        **planned_resources("evaluate"),
         gpu=GPUS_ONE,
     shell:
         "OMP_NUM_THREADS={threads} {ON_GPU}{SCD} evaluate --model {input.model} --name '{wildcards.name}' "

@@ -24,8 +24,7 @@ checkpoint sft_teacher:
     threads: train_threads(4)
     priority: 1  # the critical path: it starts before the student SFT or the base evaluation may take a core
     resources:
-        mem_mb=planned_mem_mb("sft_teacher"),
-        runtime=planned_runtime("sft_teacher", 480),
+        **planned_resources("sft_teacher"),
         gpu=GPUS,
     shell:
         "OMP_NUM_THREADS=" + TRAIN_OMP + " {ON_GPUS}{TRAIN} sft --role teacher --task {params.task} --config {CONFIG_FILE} > {log} 2>&1"
@@ -48,8 +47,7 @@ rule sft_student:
         TASK_DIR + "/benchmarks/sft_student.tsv"
     threads: train_threads(JOB_THREADS)
     resources:
-        mem_mb=planned_mem_mb("sft_student"),
-        runtime=planned_runtime("sft_student", 480),
+        **planned_resources("sft_student"),
         gpu=GPUS,
     shell:
         "OMP_NUM_THREADS=" + TRAIN_OMP + " {ON_GPUS}{TRAIN} sft --role student --task {params.task} --config {CONFIG_FILE} > {log} 2>&1"
@@ -77,8 +75,7 @@ rule sft_student_replicate:
         TASK_DIR + "/benchmarks/sft_student_seed-{k}.tsv"
     threads: train_threads(JOB_THREADS)
     resources:
-        mem_mb=planned_mem_mb("sft_student"),
-        runtime=planned_runtime("sft_student", 480),
+        **planned_resources("sft_student_replicate"),
         gpu=GPUS,
     shell:
         "OMP_NUM_THREADS=" + TRAIN_OMP + " {ON_GPUS}{TRAIN} sft --role student --replicate {wildcards.k} "
