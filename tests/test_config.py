@@ -37,6 +37,15 @@ def test_user_file_merges_onto_defaults(tmp_path):
     assert config["data"]["max_length"] == load_config()["data"]["max_length"]
 
 
+def test_a_key_repeated_in_one_mapping_is_an_error_naming_both_lines(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("task: demo\ndata:\n  balance: none\n  val_fraction: 0.2\n  balance: oversample\n")
+    with pytest.raises(ConfigError, match=r"mine.yaml: line 5: key 'balance' repeats line 3 of the same mapping"):
+        load_config(path)
+    path.write_text("data:\n  balance: none\nmodels:\n  student:\n    keep_every: 2\n  teacher:\n    keep_every: 2\n")
+    assert load_config(path)["models"]["student"]["keep_every"] == 2  # one key in two mappings is fine
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -143,6 +152,10 @@ def test_snakemake_dry_run_accepts_a_nested_config_override(tmp_path, repo_root)
 
 def test_method_strings_are_checked_by_the_one_parser():
     assert load_config(overrides={"distill.methods": ["cd+aw+paced", "scd_aw"]})["distill"]["methods"]
+    from scd_pipeline.engine.methods import SUFFIXES
+
+    for suffix in SUFFIXES:  # the schema's pattern knows every suffix the parser does
+        assert load_config(overrides={"distill.methods": [f"td+{suffix}"]})["distill"]["methods"] == [f"td+{suffix}"]
     with pytest.raises(ConfigError, match="distill.methods: method 'taid\\+aw': TAID has no CE/KD mix"):
         load_config(overrides={"distill.methods": ["taid+aw"]})
 

@@ -175,12 +175,28 @@ def deep_merge(base: dict, update: dict) -> dict:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key repeated in one mapping is an error: PyYAML keeps the
+    last value silently, so a pasted line would override the one above it unseen."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"{Path(self.name)}: line {key_node.start_mark.line + 1}: key {key!r} repeats "
+                                  f"line {seen[key] + 1} of the same mapping; keep one of them")
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path}: not found (pass --config PATH or create config.yaml)")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        with path.open(encoding="utf-8") as stream:
+            data = yaml.load(stream, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
     if data is None:
