@@ -33,6 +33,7 @@ from scd_pipeline.math.curriculum import (
     PlannedModule,
     assign_modules,
     dependency_strength,
+    fresh_remedial,
     gate,
     identify,
     mastery_decision,
@@ -47,13 +48,17 @@ from scd_pipeline.math.curriculum import (
 from scd_pipeline.stages import ioa_plan as ioa
 from scd_pipeline.stages.distill import run_distill
 from scd_pipeline.stages.synthesize import (
+    REGISTERS,
+    STRATEGIES,
     _prompt_plan,
     candidate_body,
     interleaved,
     near_duplicate_reason,
     parse_item,
+    prompt_text,
     register_pools,
     writes_options,
+    yield_by_style,
 )
 
 # --------------------------------------------------------------------------- modules
@@ -204,6 +209,9 @@ def test_a_new_items_body_ends_at_the_first_blank_line_within_its_budget():
     assert candidate_body("A case of rash.", budget_hit=False) == "A case of rash."
     assert candidate_body("  \n\nQuestion", budget_hit=False) is None
     assert writes_options("A case.\nA. yes\nB. no") and not writes_options("A case of B. cereus.")
+    # an instruction-following reply may open with the examples' "Question N:" line: it is not the item
+    assert candidate_body("Question 4:\nA case of rash.\n\n", budget_hit=False) == "A case of rash."
+    assert candidate_body("Question: is it the drug?", budget_hit=False) == "Question: is it the drug?"
 
 
 def test_items_of_a_task_with_options_per_question_write_their_own_options():
@@ -239,11 +247,11 @@ def test_prompts_show_the_options_only_where_each_question_has_its_own():
                              "choices": [["A", "B"]] * len(suffixes), "body_tokens": 3, "suffix_tokens": 5})
     config = load_config(overrides={"ioa.synthesis.shots": 2, "ioa.synthesis.prompts_per_register": 1})
     per_question = _prompt_plan(config, PLAN_M, rows(
-        ["\n\nA. x\nB. y\n\nPick.", "\n\nA. u\nB. v\n\nPick.", "\n\nA. p\nB. q\n\nPick."]))
+        ["\n\nA. x\nB. y\n\nPick.", "\n\nA. u\nB. v\n\nPick.", "\n\nA. p\nB. q\n\nPick."]), list(STRATEGIES))
     assert all(p["own_options"] and p["instruction"] == "Pick." for p in per_question)
     assert all(p["max_body_tokens"] == 3 + 5 for p in per_question)  # the item is written with its options
     assert all(any(line.startswith("A. ") for line in body.splitlines()) for p in per_question for body in p["bodies"])
-    shared = _prompt_plan(config, PLAN_M, rows(["\n\nA. x\nB. y\n\nPick."] * 3))
+    shared = _prompt_plan(config, PLAN_M, rows(["\n\nA. x\nB. y\n\nPick."] * 3), [])
     assert not any(p["own_options"] for p in shared) and all(p["max_body_tokens"] == 3 for p in shared)
     assert all(body.startswith("question ") and "A. " not in body for p in shared for body in p["bodies"])
 
@@ -262,6 +270,74 @@ def test_near_duplicates_of_evaluation_training_or_kept_items_are_named():
     assert near_duplicate_reason(fresh, evaluation, training, kept, 0.6) == "duplicate"
     # containment by hand: 2 of the item's 3 word 4-grams occur in the reference
     assert ngram_containment("a b c d e f", "x a b c d e y", 4) == pytest.approx(2 / 3)
+
+
+def test_targeted_modules_get_every_style_and_the_others_a_remedial_reserve():
+    """The targeted (most severe deficient) module: three registers and the five strategies, each
+    strategy's items playing its register's part; a module that is not deficient: remedial items
+    only, so that a failed gate later finds fresh ones."""
+    plan = {"deficient": ["m"], "modules": [{"module": "m", "severity": 1.0, "deficient": True},
+                                            {"module": "n", "severity": 0.1, "deficient": False}]}
+    rows = pd.DataFrame({"sample_id": [f"s{i}" for i in range(8)], "module": ["m"] * 4 + ["n"] * 4, "tag": "t",
+                         "teacher_score": 1.0, "teacher_nll": [0.1 * i for i in range(8)],
+                         "body": [f"question {i}" for i in range(8)], "suffix": "\n\nA. x\nB. y\n\nPick.",
+                         "choices": [["A", "B"]] * 8, "body_tokens": 3, "suffix_tokens": 5})
+    config = load_config(overrides={"ioa.synthesis.shots": 2, "ioa.synthesis.prompts_per_register": 2})
+    prompts = _prompt_plan(config, plan, rows, list(STRATEGIES))
+    styles = {module: [p["strategy"] for p in prompts if p["module"] == module] for module in ("m", "n")}
+    assert styles["m"] == [s for s in (*REGISTERS, *STRATEGIES) for _ in range(2)]
+    assert styles["n"] == ["remedial", "remedial"]
+    parts = {p["strategy"]: p["register"] for p in prompts}
+    assert parts == {"remedial": "remedial", "standard": "standard", "bridging": "bridging",
+                     "concretization": "standard", "decomposition": "remedial", "cognitive_load": "remedial",
+                     "format_template": "standard", "simplification": "remedial"}
+    # the two prompts of one style draw their own seeds; a strategy's prompt is an instruction in the
+    # chat template beside the examples, a register's the plain list the teacher continues
+    render = "<user>{}</user>".format
+    strategy = next(p for p in prompts if p["strategy"] == "simplification")
+    text = prompt_text(strategy, render)
+    assert text.startswith("<user>Here are questions of the kind 'm':") and STRATEGIES["simplification"][1] in text
+    assert all(body.strip() in text for body in strategy["bodies"])
+    register = next(p for p in prompts if p["strategy"] == "bridging")
+    assert prompt_text(register, render).startswith("Harder questions of the kind 'm'")
+    assert prompt_text(register, render).endswith(f"Question {len(register['bodies']) + 1}:\n")
+    # without strategies (a teacher with no chat template) the targeted module keeps the registers
+    assert [p["strategy"] for p in _prompt_plan(config, plan, rows, []) if p["module"] == "m"] == [
+        s for s in REGISTERS for _ in range(2)]
+
+
+def test_the_yield_by_style_sums_modules_and_gives_the_kept_share():
+    rows = [{"module": "m", "strategy": "remedial", "register": "remedial", "generated": 10, "kept": 4},
+            {"module": "n", "strategy": "remedial", "register": "remedial", "generated": 30, "kept": 2},
+            {"module": "m", "strategy": "simplification", "register": "remedial", "generated": 0, "kept": 0},
+            {"module": "m", "strategy": "standard", "register": "standard", "generated": 5, "kept": 5}]
+    assert yield_by_style(rows) == [
+        {"strategy": "remedial", "register": "remedial", "generated": 40, "kept": 6, "kept_rate": 0.15},
+        {"strategy": "standard", "register": "standard", "generated": 5, "kept": 5, "kept_rate": 1.0},
+        {"strategy": "simplification", "register": "remedial", "generated": 0, "kept": 0, "kept_rate": None}]
+
+
+def test_each_remedial_round_takes_items_the_student_has_not_seen():
+    """Unit u has 5 remedial items and max_remedial 2: ceil(5 / 2) = 3 per round. Round 1 takes the
+    first three, round 2 the last two and, spent, one again (counted as repeated); training rows
+    and standard items come every round, the other unit's remedial items never."""
+    from scd_pipeline.stages.distill.curriculum import CurriculumRecipe
+
+    assert (fresh_remedial(5, 2), fresh_remedial(5, 0), fresh_remedial(0, 3), fresh_remedial(6, 3)) == (3, 5, 0, 2)
+    recipe = object.__new__(CurriculumRecipe)
+    units = np.array(["u", "u", "u", "u", "u", "u", "u", "v", "v"], dtype=object)
+    registers = np.array(["", "standard", "remedial", "remedial", "remedial", "remedial", "remedial",
+                          "", "remedial"], dtype=object)
+    recipe.curriculum = type("C", (), {"units": units, "registers": registers})()
+    recipe.stages, recipe.config = [["u", "v"]], {"seed": 0}
+    recipe.ioa = {"max_remedial": 2, "replay_share": 0.0}
+    used: list[int] = []
+    first, counts = recipe.pass_rows(0, ["u"], 1, used)
+    assert first == [0, 1, 2, 3, 4] and counts == {"train": 1, "synthetic": 4, "replay": 0, "remedial": 3,
+                                                    "repeated": 0}
+    second, counts = recipe.pass_rows(0, ["u"], 2, used)
+    assert second == [0, 1, 2, 5, 6] and counts["remedial"] == 3 and counts["repeated"] == 1
+    assert recipe.pass_rows(0, None, 3, [])[0] == [0, 1, 7]  # a first pass: no remedial items
 
 
 def test_the_cap_takes_candidates_in_turn_over_the_registers():
@@ -406,20 +482,31 @@ def test_plan_marks_the_weaker_module_deficient_and_stages_it_last(curriculum_ru
 def test_synthesis_keeps_only_items_that_parse_and_are_new_and_says_why_the_others_went(curriculum_run):
     task = curriculum_run / "results/demo"
     summary = json.loads((task / "ioa/synthesis.json").read_text())
-    assert summary["deficient"] == [DEFICIENT] and summary["prompts"] == 3  # one per register
-    assert summary["generated"] == 3 * PER_PROMPT
+    # the deficient module: one prompt per register and per strategy (8); the three other tags: one
+    # remedial prompt each (their reserve for a failed gate)
+    assert summary["deficient"] == [DEFICIENT] and summary["prompts"] == 8 + 3
+    assert summary["strategies"] == list(STRATEGIES) and summary["strategies_skipped"] is None
+    assert summary["generated"] == 11 * PER_PROMPT
     # per prompt: 2 unparsable (no end, own options), 1 overlaps a validation row, 1 copies a
-    # training row, and a fresh item followed by its repeat. The module's cap (2) keeps the first
-    # two fresh items (their repeats are duplicates); the third fresh item and its repeat are over it.
-    assert summary["rejected"] == {"unparsable": 6, "unconfident": 0, "overlaps_eval": 3, "copies_train": 3,
-                                   "duplicate": 2, "over_cap": 2}
-    assert summary["kept"] == 2
+    # training row, and a fresh item followed by its repeat. Candidates are taken in turn over a
+    # module's styles: the deficient module's cap (2) keeps the first two fresh items (remedial,
+    # standard; their repeats are duplicates), its six other fresh items and their repeats are over
+    # it; each other module keeps its one fresh item and calls the repeat a duplicate.
+    assert summary["rejected"] == {"unparsable": 22, "unconfident": 0, "overlaps_eval": 11, "copies_train": 11,
+                                   "duplicate": 2 + 3, "over_cap": 12}
+    assert summary["kept"] == 2 + 3
+    by_style = {row["strategy"]: row for row in summary["yield_by_style"]}
+    assert by_style["remedial"]["generated"] == 4 * PER_PROMPT and by_style["remedial"]["kept"] == 4
+    assert by_style["simplification"]["kept_rate"] == 0 and by_style["standard"]["kept_rate"] == 1 / PER_PROMPT
+    assert {e["strategy"] for e in summary["examples"]} == {"remedial", "standard"}
     items = read_split(task / "data/synthetic.parquet")
     train = read_split(task / "data/train.parquet")
     assert set(train.columns) < set(items.columns)
-    assert {"module", "register", "source_ids", "teacher_confidence"} <= set(items.columns)
-    assert items["module"].unique().tolist() == [DEFICIENT]
-    assert items["register"].tolist() == ["remedial", "standard"]
+    assert {"module", "register", "strategy", "source_ids", "teacher_confidence"} <= set(items.columns)
+    assert sorted(items["module"].unique()) == sorted(train["tag"].unique())
+    deficient = items[items["module"] == DEFICIENT]
+    assert deficient["register"].tolist() == ["remedial", "standard"] == deficient["strategy"].tolist()
+    assert (items[items["module"] != DEFICIENT]["register"] == "remedial").all()
     assert all(set(ids) <= set(train["sample_id"]) for ids in items["source_ids"])
     # the teacher's own answer: its most probable letter, and that letter's probability
     assert items["answer"].isin(["A", "B", "C", "D"]).all()
@@ -439,8 +526,8 @@ def test_an_unconfident_teacher_keeps_nothing(curriculum_run, tmp_path):
         run_cli(root, "synthesize", "--set", "ioa.synthesis.min_confidence=0.99")
     summary = json.loads((task / "ioa/synthesis.json").read_text())
     # confidence is checked after the format: every item that parses (4 per prompt) goes for it
-    assert summary["kept"] == 0 and summary["rejected"]["unconfident"] == 3 * 4
-    assert summary["rejected"]["unparsable"] == 3 * 2
+    assert summary["kept"] == 0 and summary["rejected"]["unconfident"] == 11 * 4
+    assert summary["rejected"]["unparsable"] == 11 * 2
     assert len(read_split(task / "data/synthetic.parquet")) == 0
 
 
@@ -563,7 +650,12 @@ def test_report_shows_the_curriculum_rows_plot_and_synthesis_yield(curriculum_ru
     assert "The mastery gates score the live student on the validation split" in text
     table = re.split(r"\| Student +\| Optimizer steps", text)[1].split("\n\n")[0].splitlines()[2:]
     spent = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]] for r in table}
-    assert spent["IOA"][0] == "15" and spent["IOA"][2:] == ["per_phase", "open, ended at last gate"]
+    steps = json.loads((task / "students/ioa/curriculum.json").read_text())["steps"]
+    assert spent["IOA"][0] == str(steps) and spent["IOA"][2:] == ["per_phase", "open, ended at last gate"]
+    # the yield per style, summed over modules: 4 remedial prompts (the deficient module and the
+    # three others' reserve) of which 4 items were kept; the strategies' items were over the cap
+    assert re.search(rf"\|\s*remedial\s*\|\s*remedial\s*\|\s*{4 * PER_PROMPT}\s*\|\s*4\s*\|", text)
+    assert re.search(rf"\|\s*simplification\s*\|\s*remedial\s*\|\s*{PER_PROMPT}\s*\|\s*0\s*\|", text)
     assert spent["SCD+AW+IOA"][0] == "12" and spent["SCD+AW+IOA"][2:] == ["whole_run", "matched, ended at budget"]
     assert "not the paper's 0.3" not in text  # the default τ_gap is the paper's
     plan_file = task / "ioa/plan.json"

@@ -263,6 +263,12 @@ def targeted(modules: Sequence[Mapping], share: float) -> list[str]:
     return [m["module"] for m in deficient[:count]]
 
 
+def fresh_remedial(items: int, max_remedial: int) -> int:
+    """Remedial items one remedial round of a unit takes: its ``items`` spread over the
+    ``max_remedial`` rounds it may need, at least one while it has any (``ceil(items / rounds)``)."""
+    return math.ceil(items / max(1, max_remedial)) if items else 0
+
+
 def replay_count(stage_rows: int, earlier_rows: int, share: float) -> int:
     """Rows of earlier stages replayed in a pass, so that they are ``share`` of the pass's rows:
     round(share / (1 - share) · stage_rows), at most the earlier rows available."""

@@ -2,13 +2,24 @@
 
 For the most severe ``ioa.synthesis.top_share`` of the modules the plan marks deficient
 (``ioa/plan.json``; IOA's authors take 25%, at least one), the teacher T* writes new items
-from few-shot prompts of that module's training rows, in three registers that use the task's own
-structure (T*'s gold NLL orders a module's rows by difficulty):
+from few-shot prompts of that module's training rows in every *style*: three registers that use
+the task's own structure (T*'s gold NLL orders a module's rows by difficulty), which any teacher
+can continue,
 
 - ``remedial`` (simpler, shorter): examples from the shortest third of the module's easier half
   (T* NLL at most the module's median), under a header asking for short, simple questions;
 - ``standard``: examples from all of the module's rows;
-- ``bridging`` (one notch harder): examples from the module's hardest third (highest T* NLL).
+- ``bridging`` (one notch harder): examples from the module's hardest third (highest T* NLL);
+
+and the Adapter's five strategies (``ioa.synthesis.strategies``; IOA: concretization, reasoning
+decomposition, cognitive-load management, format templates, linguistic simplification): an
+instruction in the teacher's chat template beside the module's examples, for a teacher that
+follows instructions (without a chat template the strategies are skipped and the summary says
+so). Each strategy's items play a register's part in the curriculum (``STRATEGIES``): remedial
+items are what a remedial pass adds, standard items join every pass of their module's stage. Every
+other module of the plan gets ``remedial`` items too, so that a module which was not deficient
+at plan time has fresh items when it fails a gate (the curriculum hands each remedial pass items
+the student has not seen yet).
 
 Seed rows are those T* scores a pass on (its answer right); each prompt holds ``shots`` of them
 (seeded choice) and T* samples ``per_prompt`` continuations at ``temperature``; the text up to the
@@ -30,8 +41,8 @@ letter, list tasks T*'s greedy list. An item is kept only if
 4. its module has fewer than ``max_items_per_module`` kept items (``over_cap``); candidates are
    taken in turn over the registers, so the cap keeps each register's share.
 
-Kept items have the split columns (docs/ARTIFACTS.md) plus ``module``, ``register``,
-``source_ids`` (the prompt's seed rows) and ``teacher_confidence``; ``cache-logits --split
+Kept items have the split columns (docs/ARTIFACTS.md) plus ``module``, ``register`` (the
+curriculum part), ``strategy`` (the style that wrote it: a register or a strategy), ``source_ids`` (the prompt's seed rows) and ``teacher_confidence``; ``cache-logits --split
 synthetic`` caches them like any split. Generation runs in batches of prompts with a progress bar
 and resumes after a kill from ``.state/synthesize/`` (the same settings give the same items).
 """
@@ -63,6 +74,19 @@ REGISTERS = ("remedial", "standard", "bridging")
 HEADERS = {"remedial": "Short, simple questions of the kind '{module}', one fact each:",
            "standard": "Questions of the kind '{module}':",
            "bridging": "Harder questions of the kind '{module}', each with one more detail to weigh:"}
+# The Adapter's strategies: (the register whose part the items play, the instruction to the teacher).
+STRATEGIES = {
+    "concretization": ("standard", "Make it concrete: name specific people, substances, numbers and times "
+                                   "instead of describing them in general terms."),
+    "decomposition": ("remedial", "Break the reasoning down: state each fact the answer depends on in its own "
+                                  "short sentence, in the order one would check them."),
+    "cognitive_load": ("remedial", "Keep the load low: give only the facts needed to answer, at most three, "
+                                   "and no distracting details."),
+    "format_template": ("standard", "Keep the examples' format exactly: the same layout, the same order of "
+                                    "information and the same final question line."),
+    "simplification": ("remedial", "Keep the language simple: plain everyday words and short sentences, "
+                                   "no abbreviations."),
+}
 REASONS = ("unparsable", "unconfident", "overlaps_eval", "copies_train", "duplicate", "over_cap")
 SYNTHETIC_SPLIT = "synthetic"
 SUMMARY_FILE = "synthesis.json"
@@ -100,12 +124,31 @@ def few_shot_prompt(register: str, module: str, bodies: Sequence[str]) -> str:
     return "\n\n".join(parts)
 
 
+def strategy_request(strategy: str, module: str, bodies: Sequence[str]) -> str:
+    """The user turn of a strategy prompt: the module's examples, then the strategy's instruction."""
+    examples = "\n\n".join(f"Question {i}:\n{body.strip()}" for i, body in enumerate(bodies, start=1))
+    return (f"Here are questions of the kind '{module}':\n\n{examples}\n\nWrite one new question of this "
+            f"kind. {STRATEGIES[strategy][1]} Write the question only, without its answer.")
+
+
+def prompt_text(prompt: dict, render) -> str:
+    """What the teacher continues: a register's plain few-shot list, or a strategy's request in the
+    chat template (``render``: user text -> the templated prompt)."""
+    if prompt["strategy"] in REGISTERS:
+        return few_shot_prompt(prompt["register"], prompt["module"], prompt["bodies"])
+    return render(strategy_request(prompt["strategy"], prompt["module"], prompt["bodies"]))
+
+
 def candidate_body(text: str, budget_hit: bool) -> str | None:
-    """The new question body in a continuation: the text before the first blank line; None when
-    the continuation never ended within its budget (no blank line, no stop token)."""
-    body, blank, _ = text.partition("\n\n")
+    """The new question body in a continuation: the text before the first blank line (a reply
+    that opens with a "Question N:" line, as the examples do, loses that line); None when the
+    continuation never ended within its budget (no blank line, no stop token)."""
+    body, blank, _ = text.lstrip(" ").partition("\n\n")
     if not blank and budget_hit:
         return None
+    first, newline, rest = body.partition("\n")
+    if newline and first.strip().startswith("Question") and first.strip().endswith(":"):
+        body = rest
     body = body.strip()
     return body or None
 
@@ -134,14 +177,14 @@ def near_duplicate_reason(body: str, evaluation: NgramIndex, training: NgramInde
 # --- the stage ---------------------------------------------------------------------------------------
 
 def interleaved(keys: Sequence[tuple[str, str]]) -> list[int]:
-    """Positions of ``keys`` ((module, register) per candidate) in turn over each module's registers:
-    the first candidate of every register, then the second of every register, and so on, so a
-    module's cap keeps each register's share instead of the first register's items only."""
+    """Positions of ``keys`` ((module, style) per candidate) in turn over each module's styles:
+    the first candidate of every style, then the second of every style, and so on, so a module's
+    cap keeps each style's share instead of the first style's items only."""
     rank, seen = [], Counter()
     for key in keys:
         rank.append(seen[key])
         seen[key] += 1
-    order = {register: i for i, register in enumerate(REGISTERS)}
+    order = {style: i for i, style in enumerate((*REGISTERS, *STRATEGIES))}
     return sorted(range(len(keys)), key=lambda i: (keys[i][0], rank[i], order[keys[i][1]]))
 
 
@@ -166,17 +209,27 @@ def _read_state(path: Path, fingerprint: str) -> dict[int, list[str]]:
     return done
 
 
-def _prompt_plan(config: dict, plan: dict, train: pd.DataFrame) -> list[dict]:
-    """Every few-shot prompt: module, register, its seed rows (seeded choice, fixed order)."""
+def _prompt_plan(config: dict, plan: dict, train: pd.DataFrame, strategies: Sequence[str]) -> list[dict]:
+    """Every few-shot prompt: module, style (register or strategy), its seed rows (seeded choice,
+    fixed order). Targeted modules get every register and ``strategies``; the plan's other modules
+    the ``remedial`` register (fresh items for a module that fails a gate later)."""
     synthesis = config["ioa"]["synthesis"]
+    chosen_modules = targeted(plan["modules"], synthesis["top_share"])
     prompts = []
-    for module in targeted(plan["modules"], synthesis["top_share"]):
+    for module in [m["module"] for m in plan["modules"]]:
         rows = train[(train["module"] == module) & (train["teacher_score"] >= 0.5)]
         if len(rows) < 1:
             rows = train[train["module"] == module]
-        for register, pool in register_pools(rows).items():
+        if len(rows) < 1:
+            continue
+        pools = register_pools(rows)
+        styles = [*REGISTERS, *strategies] if module in chosen_modules else ["remedial"]
+        for style in styles:
+            register = style if style in REGISTERS else STRATEGIES[style][0]
+            pool = pools[style] if style in REGISTERS else pools["standard"]
             for index in range(synthesis["prompts_per_register"]):
-                rng = random.Random(f"{config['seed']}/{module}/{register}/{index}")
+                key = f"{config['seed']}/{module}/{style}/{index}"
+                rng = random.Random(key)
                 chosen = rng.sample(range(len(pool)), min(synthesis["shots"], len(pool)))
                 seeds = pool.iloc[chosen]
                 # Options per question (the module's rows list different options, e.g. JMMLU-Med):
@@ -186,7 +239,7 @@ def _prompt_plan(config: dict, plan: dict, train: pd.DataFrame) -> list[dict]:
                 instruction = options_and_instruction(seeds["suffix"].iat[0])[1]
                 examples = [body.strip() + ("\n" + "\n".join(options_and_instruction(suffix)[0]) if own else "")
                             for body, suffix in zip(seeds["body"], seeds["suffix"], strict=True)]
-                prompts.append({"module": module, "register": register,
+                prompts.append({"module": module, "register": register, "strategy": style,
                                 "source_ids": seeds["sample_id"].astype(str).tolist(),
                                 "bodies": examples, "suffix": seeds["suffix"].iat[0], "own_options": own,
                                 "letters": [str(c) for c in seeds["choices"].iat[0]],
@@ -226,7 +279,7 @@ def parse_item(text: str, budget_hit: bool, prompt: dict, kind: str) -> tuple[st
 
 
 def _generate(model, tokenizer, prompts: list[dict], config: dict, state: Path, fingerprint: str,
-              stop_ids: Sequence[int]) -> list[list[tuple[str, bool]]]:
+              stop_ids: Sequence[int], render) -> list[list[tuple[str, bool]]]:
     """Continuations of every prompt: (text, ran out of its budget without a stop token).
 
     Prompts go in fixed batches of ``synthesis.batch_size`` (left-padded, ``per_prompt`` samples
@@ -251,8 +304,7 @@ def _generate(model, tokenizer, prompts: list[dict], config: dict, state: Path, 
     devices = [torch.device("cuda", torch.cuda.current_device())] if torch.cuda.is_available() else []
     for batch in todo:
         budgets = [max(1, math.ceil(synthesis["length_factor"] * prompts[i]["max_body_tokens"])) for i in batch]
-        ids = tokenizer([few_shot_prompt(prompts[i]["register"], prompts[i]["module"], prompts[i]["bodies"])
-                         for i in batch], add_special_tokens=False).input_ids
+        ids = tokenizer([prompt_text(prompts[i], render) for i in batch], add_special_tokens=False).input_ids
         with torch.random.fork_rng(devices=devices), torch.no_grad():
             torch.manual_seed(config["seed"] * 100_003 + batch[0])
             output = generate(model, tokenizer, ids, max(budgets), stop_ids, samples=synthesis["per_prompt"],
@@ -303,7 +355,7 @@ def synthesize(config: dict) -> dict:
     from scd_pipeline.engine.logit_cache import checkpoint_identity, open_task_cache
     from scd_pipeline.engine.models import load_model
     from scd_pipeline.engine.scoring import predict_split, stop_token_ids
-    from scd_pipeline.engine.splits import Example, split_question, split_schema
+    from scd_pipeline.engine.splits import Example, make_prompt_renderer, split_question, split_schema
 
     synthesis = config["ioa"]["synthesis"]
     root = task_dir(config)
@@ -328,12 +380,15 @@ def synthesize(config: dict) -> dict:
                for i, name in enumerate(("body_tokens", "suffix_tokens"))}
     train = train.assign(**lengths,
                          module=row_members({**plan, "split_nll": {}}, train["tag"], train["teacher_nll"]))
-    prompts = _prompt_plan(config, plan, train)
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    strategies = list(synthesis["strategies"]) if has_template else []
+    prompts = _prompt_plan(config, plan, train, strategies)
     fingerprint = sha256_text(json.dumps({"plan": sha256_file(plan_file), "train": sha256_file(train_file),
                                           "teacher": checkpoint_identity(teacher_dir, best)["sha256"],
                                           "synthesis": synthesis, "seed": config["seed"]}, sort_keys=True))
     generated = _generate(model, tokenizer, prompts, config, state_dir(config), fingerprint,
-                          stop_token_ids(tokenizer, train))
+                          stop_token_ids(tokenizer, train),
+                          make_prompt_renderer(tokenizer, config["data"]["system_prompt"]))
 
     # 1. format
     candidates, rejected = [], Counter()
@@ -341,7 +396,7 @@ def synthesize(config: dict) -> dict:
         for text, budget_hit in texts:
             item = parse_item(text, budget_hit, prompt, kind)
             if item is None:
-                rejected[(prompt["module"], prompt["register"], "unparsable")] += 1
+                rejected[(prompt["module"], prompt["strategy"], "unparsable")] += 1
                 continue
             candidates.append((prompt, item))
     encoder = _encoder(config, tokenizer)
@@ -370,9 +425,9 @@ def synthesize(config: dict) -> dict:
     training = NgramIndex(train["body"].tolist(), synthesis["overlap_ngram"])
     kept_index = NgramIndex([], synthesis["overlap_ngram"])
     kept_rows, kept_per_module = [], Counter()
-    for row in interleaved([(prompt["module"], prompt["register"]) for prompt, _ in candidates]):
+    for row in interleaved([(prompt["module"], prompt["strategy"]) for prompt, _ in candidates]):
         (prompt, (body, _, _)), record = candidates[row], records[row]
-        key = (prompt["module"], prompt["register"])
+        key = (prompt["module"], prompt["strategy"])
         if kind == "list" and not (json.loads(record["answer"]) and
                                    list_items_in_body(json.loads(record["answer"]), body)):
             rejected[(*key, "unparsable")] += 1
@@ -389,31 +444,37 @@ def synthesize(config: dict) -> dict:
         kept_index.add(body)
         kept_per_module[prompt["module"]] += 1
         kept_rows.append({**record, "module": prompt["module"], "register": prompt["register"],
-                          "source_ids": prompt["source_ids"], "teacher_confidence": float(confidence[row])})
+                          "strategy": prompt["strategy"], "source_ids": prompt["source_ids"],
+                          "teacher_confidence": float(confidence[row])})
 
     schema = split_schema()
-    for name, kind_type in (("module", pa.string()), ("register", pa.string()),
+    for name, kind_type in (("module", pa.string()), ("register", pa.string()), ("strategy", pa.string()),
                             ("source_ids", pa.list_(pa.string())), ("teacher_confidence", pa.float32())):
         schema = schema.append(pa.field(name, kind_type))
     out = synthetic_path(config)
     with atomic_path(out) as tmp:
         pq.write_table(pa.Table.from_pylist(kept_rows, schema=schema), tmp, compression="zstd")
-    generated_counts = Counter()
+    generated_counts, roles = Counter(), {}
     for prompt, texts in zip(prompts, generated, strict=True):
-        generated_counts[(prompt["module"], prompt["register"])] += len(texts)
-    kept_counts = Counter((r["module"], r["register"]) for r in kept_rows)
-    yield_rows = [{"module": m, "register": g, "generated": generated_counts[(m, g)], "kept": kept_counts[(m, g)],
-                   **{reason: rejected[(m, g, reason)] for reason in REASONS}}
-                  for m in targeted(plan["modules"], synthesis["top_share"]) for g in REGISTERS]
+        generated_counts[(prompt["module"], prompt["strategy"])] += len(texts)
+        roles[prompt["strategy"]] = prompt["register"]
+    kept_counts = Counter((r["module"], r["strategy"]) for r in kept_rows)
+    yield_rows = [{"module": m, "strategy": s, "register": roles[s], "generated": generated_counts[(m, s)],
+                   "kept": kept_counts[(m, s)], **{reason: rejected[(m, s, reason)] for reason in REASONS}}
+                  for (m, s) in sorted(generated_counts, key=lambda key: (key[0], style_order(key[1])))]
     summary = {
         "task": config["task"], "teacher": str(teacher_dir), "best_index": best, "deficient": plan["deficient"],
         "targeted": targeted(plan["modules"], synthesis["top_share"]),
+        "strategies": strategies,
+        "strategies_skipped": (None if has_template or not synthesis["strategies"] else
+                               "the teacher's tokenizer has no chat template to put an instruction in"),
         "prompts": len(prompts), "generated": sum(generated_counts.values()), "kept": len(kept_rows),
         "rejected": {reason: sum(v for k, v in rejected.items() if k[2] == reason) for reason in REASONS},
-        "yield": yield_rows, "settings": synthesis, "file": str(out), "sha256": sha256_file(out),
-        "examples": [{k: r[k] for k in ("sample_id", "module", "register", "question", "answer",
+        "yield": yield_rows, "yield_by_style": yield_by_style(yield_rows),
+        "settings": synthesis, "file": str(out), "sha256": sha256_file(out),
+        "examples": [{k: r[k] for k in ("sample_id", "module", "register", "strategy", "question", "answer",
                                         "teacher_confidence", "source_ids")}
-                     for r in _spread_examples(kept_rows, 3)],
+                     for r in examples_by_style(kept_rows, 3)],
         "checks": ("format: a body that ended within length_factor x the prompt's longest example and wrote "
                    "no options (lists: a parsable answer whose items occur in the body); confidence: T*'s "
                    "probability of its own answer >= min_confidence; near-duplicate: more than max_overlap "
@@ -426,13 +487,30 @@ def synthesize(config: dict) -> dict:
     return {**summary, "paths": [str(out), str(ioa_dir(config) / SUMMARY_FILE)]}
 
 
-def _spread_examples(rows: list[dict], count: int) -> list[dict]:
-    """Up to ``count`` kept items, one per register first (remedial, standard, bridging)."""
+def style_order(style: str) -> int:
+    """Registers first (remedial, standard, bridging), then the strategies in ``STRATEGIES`` order."""
+    return (*REGISTERS, *STRATEGIES).index(style)
+
+
+def yield_by_style(rows: Sequence[dict]) -> list[dict]:
+    """The yield summed over modules, per style: generated, kept and the kept share (None when
+    nothing was generated)."""
+    totals: dict[str, dict] = {}
+    for row in rows:
+        total = totals.setdefault(row["strategy"], {"strategy": row["strategy"], "register": row["register"],
+                                                    "generated": 0, "kept": 0})
+        total["generated"] += row["generated"]
+        total["kept"] += row["kept"]
+    return [{**total, "kept_rate": total["kept"] / total["generated"] if total["generated"] else None}
+            for total in sorted(totals.values(), key=lambda total: style_order(total["strategy"]))]
+
+
+def examples_by_style(rows: list[dict], count: int) -> list[dict]:
+    """Up to ``count`` kept items of every style, styles in ``style_order``."""
     chosen = []
-    for register in REGISTERS:
-        chosen += [r for r in rows if r["register"] == register][:1]
-    chosen += [r for r in rows if r not in chosen]
-    return chosen[:count]
+    for style in (*REGISTERS, *STRATEGIES):
+        chosen += [r for r in rows if r["strategy"] == style][:count]
+    return chosen
 
 
 def read_synthesis(config: dict) -> dict:

@@ -32,6 +32,7 @@ from scd_pipeline.math.curriculum import (
     REMEDIAL,
     dependency_strength,
     gate,
+    fresh_remedial,
     member_of,
     replay_count,
     row_members,
@@ -60,8 +61,9 @@ class CurriculumRecipe(DistillRecipe):
 
     Each phase is one *pass* over a stage: the first pass trains on the stage's units (training
     rows and their ``standard`` synthetic items, plus the previous stage's ``bridging`` items); a
-    remedial pass on the stage's units below mastery (their rows plus ``remedial`` and
-    ``standard`` items). Either adds ``ioa.replay_share`` of rows replayed from earlier stages (a
+    remedial pass on the stage's units below mastery (their rows and ``standard`` items, plus
+    ``remedial`` items the student has not trained on yet, a ``1 / max_remedial`` share of each
+    unit's per round). Either adds ``ioa.replay_share`` of rows replayed from earlier stages (a
     remedial pass also from the stage's mastered units), seeded by stage and pass. After every
     pass the live student is scored on the validation split (the one scoring path) and the mastery
     gate, over every unit of the stage (a unit mastered before a remedial pass can slip during it),
@@ -81,7 +83,7 @@ class CurriculumRecipe(DistillRecipe):
 
     def start(self, ctx: LoopContext) -> None:
         super().start(ctx)
-        ctx.state.setdefault("curriculum", {"stage": 0, "remedial": 0, "weak": None, "passes": []})
+        ctx.state.setdefault("curriculum", {"stage": 0, "remedial": 0, "weak": None, "passes": [], "used": []})
 
     # -- the gate
     def gate_scores(self, ctx: LoopContext) -> dict[str, float]:
@@ -108,22 +110,41 @@ class CurriculumRecipe(DistillRecipe):
             state.update(stage=state["stage"] + 1, remedial=0, weak=None)
 
     # -- the next pass
-    def pass_rows(self, stage: int, weak: list[str] | None, number: int) -> tuple[list[int], dict]:
+    def pass_rows(self, stage: int, weak: list[str] | None, number: int,
+                  used: list[int] | None = None) -> tuple[list[int], dict]:
+        """The rows of the next pass and their counts. A remedial pass takes each weak unit's
+        ``remedial`` items not yet trained on (``used``, which it extends), ``fresh_remedial`` of
+        them per unit, so that every remedial round of ``ioa.max_remedial`` meets new items; once
+        a unit's items are spent they are taken again (counted as ``repeated``)."""
         units, registers = self.curriculum.units, self.curriculum.registers
         current = self.stages[stage] if weak is None else weak
-        if weak is None:
-            own = np.isin(units, current) & np.isin(registers, ["", "standard"])
-            if stage > 0:
-                own |= np.isin(units, self.stages[stage - 1]) & (registers == "bridging")
-        else:
-            own = np.isin(units, current) & np.isin(registers, ["", "standard", "remedial"])
+        own = np.isin(units, current) & np.isin(registers, ["", "standard"])
+        if weak is None and stage > 0:
+            own |= np.isin(units, self.stages[stage - 1]) & (registers == "bridging")
         earlier = [u for s in self.stages[:stage] for u in s] + [u for u in self.stages[stage] if u not in current]
         pool = np.flatnonzero(np.isin(units, earlier) & np.isin(registers, ["", "standard"]))
         rows = np.flatnonzero(own).tolist()
-        count = replay_count(len(rows), len(pool), self.ioa["replay_share"])
+        remedial, repeated = [], 0
+        if weak is not None:
+            used = used if used is not None else []
+            for unit in weak:
+                items = np.flatnonzero((units == unit) & (registers == "remedial")).tolist()
+                take = fresh_remedial(len(items), self.ioa["max_remedial"])
+                seen = set(used)
+                fresh = [row for row in items if row not in seen]
+                if len(fresh) < take:  # spent: the unit's items come round again
+                    repeated += take - len(fresh)
+                    used[:] = [row for row in used if row not in set(items)]
+                    fresh += [row for row in items if row not in set(fresh)][: take - len(fresh)]
+                remedial += fresh[:take]
+                used += fresh[:take]
+        count = replay_count(len(rows) + len(remedial), len(pool), self.ioa["replay_share"])
         replay = sorted(random.Random(f"{self.config['seed']}/{stage}/{number}").sample(pool.tolist(), count))
         synthetic = int((registers[rows] != "").sum()) if rows else 0
-        return rows + replay, {"train": len(rows) - synthetic, "synthetic": synthetic, "replay": len(replay)}
+        counts = {"train": len(rows) - synthetic, "synthetic": synthetic + len(remedial), "replay": len(replay)}
+        if weak is not None:
+            counts.update(remedial=len(remedial), repeated=repeated)
+        return sorted(rows + remedial) + replay, counts
 
     def checkpoint_record(self, ctx: LoopContext, index: int) -> dict:
         if self.method.schedule == "scd":
@@ -145,7 +166,7 @@ class CurriculumRecipe(DistillRecipe):
         if self.total_steps is not None and spent >= self.total_steps:
             state["ended"] = "budget"  # the plain method's steps are spent: the student so far is published
             return None
-        rows, counts = self.pass_rows(state["stage"], state["weak"], index)
+        rows, counts = self.pass_rows(state["stage"], state["weak"], index, state.setdefault("used", []))
         kind = "first" if state["weak"] is None else "remedial"
         units = self.stages[state["stage"]] if state["weak"] is None else state["weak"]
         state["passes"].append({"pass": index + 1, "stage": state["stage"] + 1, "kind": kind, "units": units,

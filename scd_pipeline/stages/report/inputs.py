@@ -314,7 +314,9 @@ def curriculum_passes(record: dict) -> pd.DataFrame:
         scores = entry.get("scores", {})
         row = {"pass": int(entry["pass"]), "stage": int(entry["stage"]), "kind": entry["kind"],
                "units": ", ".join(entry["units"]), "decision": entry.get("decision", "n/a"),
-               "rows": "+".join(str(entry["rows"][k]) for k in ("train", "synthetic", "replay")),
+               "rows": "+".join(str(entry["rows"][k]) for k in ("train", "synthetic", "replay"))
+               + (f" ({entry['rows']['remedial']} remedial items, {entry['rows']['repeated']} of them seen before)"
+                  if "remedial" in entry["rows"] else ""),
                "min_ratio": min(entry.get("ratios", {}).values(), default=math.nan)}
         for unit, p_t in teacher.items():
             row[f"ratio:{unit}"] = scores[unit] / p_t if unit in scores and p_t > 0 else math.nan

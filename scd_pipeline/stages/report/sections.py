@@ -524,18 +524,25 @@ def curriculum_blocks(inputs: ReportInputs, drawn: set[str]) -> list[Block]:
         reasons = [r for r in synthesis["rejected"]]
         blocks += [("h3", "Synthetic data (Adapter)"),
                    ("p", f"T* wrote {synthesis['generated']} items from {synthesis['prompts']} few-shot prompts for "
-                         f"the most severe deficient modules ({', '.join(synthesis.get('targeted', synthesis['deficient'])) or 'none'}"
+                         f"the other modules' remedial reserve and, in every style, for the most severe deficient modules ({', '.join(synthesis.get('targeted', synthesis['deficient'])) or 'none'}"
                          f" of {', '.join(synthesis['deficient']) or 'none'}; `ioa.synthesis.top_share` "
                          f"{synthesis['settings'].get('top_share', 1):g}); {synthesis['kept']} kept"
                          + (" (nothing was synthesised: the curriculum trained on the task's own rows)"
                             if not synthesis["kept"] else "") + f". Checks: {synthesis['checks']}.")]
+        if synthesis.get("strategies_skipped"):
+            blocks.append(("p", f"The Adapter's strategies were skipped: {synthesis['strategies_skipped']}."))
+        if synthesis.get("yield_by_style"):
+            blocks.append(("table", Table(["Style", "Curriculum part", "Generated", "Kept", "Kept share"],
+                                          [[y["strategy"], y["register"], str(y["generated"]), str(y["kept"]),
+                                            fmt(y["kept_rate"])] for y in synthesis["yield_by_style"]])))
         if synthesis["yield"]:
-            blocks.append(("table", Table(["Module", "Register", "Generated", "Kept", *reasons],
-                                          [[y["module"], y["register"], str(y["generated"]), str(y["kept"]),
-                                            *[str(y[r]) for r in reasons]] for y in synthesis["yield"]])))
+            blocks.append(("table", Table(["Module", "Style", "Generated", "Kept", *reasons],
+                                          [[y["module"], y.get("strategy", y["register"]), str(y["generated"]),
+                                            str(y["kept"]), *[str(y[r]) for r in reasons]]
+                                           for y in synthesis["yield"]])))
         examples = synthesis.get("examples") or []
         if examples:
-            blocks.append(("list", [f"{e['register']} ({e['module']}, T* confidence "
+            blocks.append(("list", [f"{e.get('strategy', e['register'])} ({e['module']}, T* confidence "
                                     f"{fmt(e['teacher_confidence'])}): {' '.join(e['question'].split())} → "
                                     f"{e['answer']}" for e in examples]))
     return blocks
