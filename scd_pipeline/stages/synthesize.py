@@ -355,7 +355,12 @@ def synthesize(config: dict) -> dict:
     from scd_pipeline.engine.logit_cache import checkpoint_identity, open_task_cache
     from scd_pipeline.engine.models import load_model
     from scd_pipeline.engine.scoring import predict_split, stop_token_ids
-    from scd_pipeline.engine.splits import Example, make_prompt_renderer, split_question, split_schema
+    from scd_pipeline.engine.splits import (
+        Example,
+        make_prompt_renderer,
+        split_question,
+        split_schema,
+    )
 
     synthesis = config["ioa"]["synthesis"]
     root = task_dir(config)
