@@ -433,7 +433,8 @@ def evaluate_command(
         "or a distilled student.")],
     task: TaskOption = None,
     split: Annotated[str | None, typer.Option(
-        help="test or val (default: config evaluate.split).", show_default=False)] = None,
+        help="test, val, or heldout (the extra held-out split, written to eval/heldout/; default: "
+        "config evaluate.split).", show_default=False)] = None,
     name: Annotated[str | None, typer.Option(
         help="Output name eval/{name}.json (default: from the path, e.g. teacher-ckpt-3, student_sft).",
         show_default=False)] = None,

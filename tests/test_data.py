@@ -30,6 +30,8 @@ from scd_pipeline.errors import ConfigError, DataError
 from scd_pipeline.stages import prepare_data as data_stage
 from scd_pipeline.stages.prepare_data import (
     balance_rows,
+    heldout_rows,
+    heldout_size,
     inverse_frequency_weights,
     prepare_data,
     proportional_quotas,
@@ -135,7 +137,11 @@ def test_prepare_jmed_writes_splits_without_test_leakage(tmp_path, tiny_tokenize
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["pool"]["test_rows_excluded_from_pool"] == in_pool
     assert manifest["test_questions_in_train_val"] == 0
-    assert manifest["split_sizes"] == {name: len(frame) for name, frame in splits.items()}
+    # the held-out split (data.heldout_size: auto asks 1,000 rows of a JMED-LLM task): training and
+    # validation use the whole of this 200-row pool, so it is empty, and the manifest says why
+    assert manifest["split_sizes"] == {**{name: len(frame) for name, frame in splits.items()}, "heldout": 0}
+    assert manifest["heldout"]["asked"] == 1000 and manifest["heldout"]["note"].startswith("fewer rows than asked")
+    assert len(pd.read_parquet(out / "heldout.parquet")) == 0
     assert [s["path"] for s in manifest["sources"]] == [
         str(jmed_root / "test" / f"{task}.csv"), str(jmed_root / "all" / f"{task}_head200.csv")]
     assert (out / "prepare-data.config.yaml").is_file()
@@ -189,7 +195,7 @@ def test_manifest_records_counts_lengths_and_fingerprints(tmp_path, tiny_tokeniz
 
 def test_truncation_cuts_the_question_start_and_keeps_options_and_answer(
         tmp_path, tiny_tokenizer_dir, jmed_root, tokenizer):
-    config = make_config(tmp_path, "crade", jmed_root=str(jmed_root), max_length=2048)
+    config = make_config(tmp_path, "crade", jmed_root=str(jmed_root), max_length=2048, heldout_size=0)
     out = prepare_data(config, tiny_tokenizer_dir)
     splits = read_splits(out)
     manifest = json.loads((out / "manifest.json").read_text())
@@ -303,6 +309,40 @@ def test_max_train_samples_caps_after_balancing(smdis_source):
     # 100 * 1,678 / 13,734 = 12.2 -> 12 "A"; 87.8 -> 88 "B" (largest remainder)
     assert label_counts(capped) == {"A": 12, "B": 88}
     assert proportional_quotas({"A": 1678, "B": 12056}, 100) == {"A": 12, "B": 88}
+
+
+def test_the_held_out_split_takes_unused_pool_rows_with_the_tests_label_shares(smdis_source):
+    """smdis: the test is 50 "A" / 50 "B", the pool 1,864 "A" / 13,396 "B". With 100 training rows
+    the held-out split takes 200 of the other rows, 100 of each label, none shared with train or
+    val (by id or question)."""
+    splits = select_splits(smdis_source, smdis_data(max_train_samples=100), 0, heldout=200)
+    held = splits["heldout"]
+    assert label_counts(held) == {"A": 100, "B": 100} == {k: 2 * v for k, v in label_counts(splits["test"]).items()}
+    used = splits["train"] + splits["val"]
+    assert not {r.sample_id for r in held} & {r.sample_id for r in used}
+    assert not {r.question for r in held} & {r.question for r in used}
+    assert select_splits(smdis_source, smdis_data(max_train_samples=100), 0, heldout=200)["heldout"] == held  # seeded
+    assert "heldout" not in select_splits(smdis_source, smdis_data(max_train_samples=100), 0)
+
+
+def test_held_out_rows_by_hand():
+    rows = [Example(f"s{i}", "t", "choice", f"q{i}", "", ("A", "B", "C"), label, "ABC".index(label), "x")
+            for i, label in enumerate("AAAAABBBC")]
+    test = [Example(f"t{i}", "t", "choice", f"t{i}", "", ("A", "B", "C"), label, 0, "x") for i, label in enumerate("AABC")]
+    # test shares 2:1:1 of 4 rows -> quotas A 2, B 1, C 1; a label short of rows gives what it has
+    picked = heldout_rows(rows, test, 4, "choice", seed=0)
+    assert Counter(r.answer for r in picked) == {"A": 2, "B": 1, "C": 1}
+    assert [r.sample_id for r in picked] == sorted((r.sample_id for r in picked), key=lambda s: int(s[1:]))
+    assert Counter(r.answer for r in heldout_rows(rows, test + test[3:] * 4, 8, "choice", seed=0)) == {
+        "A": 2, "B": 1, "C": 1}  # C's quota 5 meets one C row
+    assert len(heldout_rows(rows, test, 3, "list", seed=0)) == 3 and heldout_rows([], test, 3, "choice", 0) == []
+
+
+def test_held_out_size_auto_is_for_the_jmed_tasks():
+    assert heldout_size(load_config(overrides={"task": "smdis"})) == 1000
+    assert heldout_size(load_config(overrides={"task": "demo"})) == 0
+    assert heldout_size(load_config(overrides={"task": "demo", "data.heldout_size": 50})) == 50
+    assert heldout_size(load_config(overrides={"task": "crade", "data.heldout_size": 0})) == 0
 
 
 def test_balancing_a_list_task_is_a_config_error(jmed_root):
@@ -605,8 +645,11 @@ def test_cli_writes_the_data_directory(tmp_path, tiny_tokenizer_dir, jmed_root):
     assert result.exit_code == 0, result.output
     out = tmp_path / "results" / "smdis" / "data"
     assert sorted(p.name for p in out.iterdir()) == [
-        "manifest.json", "prepare-data.config.yaml", "test.parquet", "train.parquet", "val.parquet"]
+        "heldout.parquet", "manifest.json", "prepare-data.config.yaml", "test.parquet", "train.parquet", "val.parquet"]
     assert len(pd.read_parquet(out / "train.parquet")) == 20
+    held = pd.read_parquet(out / "heldout.parquet")  # smdis: 1,000 rows as 50/50 as its official test
+    assert len(held) == 1000 and Counter(held["answer"]) == {"A": 500, "B": 500}
+    assert json.loads((out / "manifest.json").read_text())["split_sizes"]["heldout"] == 1000
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from scd_pipeline.engine.models import load_model
 from scd_pipeline.engine.naming import default_eval_name
 from scd_pipeline.engine.scoring import parse_list_output
 from scd_pipeline.engine.tiny import byte_level_tokenizer, tiny_llama
-from scd_pipeline.errors import ModelError
+from scd_pipeline.errors import DataError, ModelError
 from scd_pipeline.math.metrics import exact_f1, partial_f1
 from scd_pipeline.stages.evaluate import PREDICTION_COLUMNS, evaluate
 
@@ -173,6 +173,26 @@ def test_model_forced_to_the_gold_letters_scores_one(tmp_path):
     assert set(report["per_tag"]) == {"t0", "t1"}
     for tag in report["per_tag"].values():
         assert tag["n"] == 6 and tag["accuracy"] == 1.0 and tag["kappa"] == 1.0
+
+
+def test_the_held_out_split_is_scored_into_its_own_folder_and_an_empty_one_says_so(tmp_path):
+    tokenizer = byte_level_tokenizer()
+    rows = choice_rows(tokenizer, 0, 12, answer_in_prompt=True)
+    write_splits(tmp_path, {"test": rows[:4], "heldout": rows[4:]})
+    model_dir = save_model(copy_last_token_model(tokenizer), tokenizer, tmp_path / "copycat")
+    out = evaluate(tiny_config(tmp_path), model_dir, split="heldout")
+    assert out == tmp_path / "demo" / "eval" / "heldout" / "copycat.json"
+    report = json.loads(out.read_text())
+    assert report["split"] == "heldout" and report["n"] == 8 and report["metrics"]["accuracy"] == 1.0
+    assert not (tmp_path / "demo" / "eval" / "copycat.json").exists()  # the test split's stays its own
+    pd.DataFrame(rows).iloc[:0].to_parquet(tmp_path / "demo" / "data" / "heldout.parquet")  # no rows left for it
+    (tmp_path / "demo" / "data" / "manifest.json").write_text("{}")
+    empty = json.loads(evaluate(tiny_config(tmp_path), model_dir, split="heldout").read_text())
+    assert empty["n"] == 0 and "no rows" in empty["empty"]
+    assert len(pd.read_parquet(tmp_path / "demo" / "eval" / "heldout" / "copycat.predictions.parquet")) == 0
+    (tmp_path / "demo" / "data" / "heldout.parquet").unlink()
+    with pytest.raises(DataError, match="no held-out split .*data.heldout_size"):
+        evaluate(tiny_config(tmp_path), model_dir, split="heldout")
 
 
 def test_choice_scores_equal_a_dense_forward(tmp_path):

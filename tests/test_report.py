@@ -67,19 +67,19 @@ DEFAULT_LOGPROBS = [-0.5, -1.0, -1.5, -2.0]
 
 
 def write_eval(root: Path, name: str, predictions: list[str], task: str = "demo",
-               gold: list[str] = GOLD, weights: str = "linear") -> None:
+               gold: list[str] = GOLD, weights: str = "linear", folder: str = "eval", split: str = "test") -> None:
     """eval/{name}.json and .predictions.parquet as ``evaluate.evaluate`` writes them."""
-    frame = pd.DataFrame({"sample_id": [f"{task}-{i}" for i in range(len(gold))], "tag": TAGS[: len(gold)],
+    frame = pd.DataFrame({"sample_id": [f"{task}-{i}" for i in range(len(gold))], "tag": (TAGS * 4)[: len(gold)],
                           "gold": gold, "prediction": predictions,
-                          "gold_logprob": LOGPROBS.get(name, DEFAULT_LOGPROBS)[: len(gold)],
+                          "gold_logprob": (LOGPROBS.get(name, DEFAULT_LOGPROBS) * 4)[: len(gold)],
                           "gold_tokens": [2] * len(gold),
                           "score": [float(g == p) for g, p in zip(gold, predictions, strict=True)],
                           "malformed": [False] * len(gold)})
     summary = summarise(frame, "choice", LETTERS, weights)
-    (root / "eval").mkdir(parents=True, exist_ok=True)
-    frame.drop(columns="malformed").to_parquet(root / "eval" / f"{name}.predictions.parquet")
-    write_json(root / "eval" / f"{name}.json", json_safe({
-        "name": name, "model": f"results/{task}/{name}", "task": task, "split": "test", "kind": "choice",
+    (root / folder).mkdir(parents=True, exist_ok=True)
+    frame.drop(columns="malformed").to_parquet(root / folder / f"{name}.predictions.parquet")
+    write_json(root / folder / f"{name}.json", json_safe({
+        "name": name, "model": f"results/{task}/{name}", "task": task, "split": split, "kind": "choice",
         "n": len(frame), **summary, "kappa_weights": weights, "categories": LETTERS,
         "malformed_outputs": 0, "seconds": 0.1, "samples_per_s": 40.0, "device": "cpu", "dtype": "float32"}))
 
@@ -616,3 +616,33 @@ def test_teacher_checkpoint_table_shows_the_test_column_of_evaluated_checkpoints
         "—", "1.000 [1.000, 1.000]", "0.750 [0.250, 1.000]"]
     assert "the workflow evaluates only T* on the test split" in section
     assert "not run" not in section
+
+
+def test_the_held_out_split_gets_its_own_table_beside_the_test_one(tmp_path):
+    """eval/heldout/ (prepare-data's extra held-out split): the same models, their own intervals and
+    confirmatory sentence, below the test table, which keeps its numbers."""
+    config, root = make_full_tree(tmp_path)
+    before = build_report(config).markdown.read_text()
+    gold = GOLD * 2  # 8 held-out rows
+    held = {"teacher-ckpt-2": gold, "student_sft": ["A", "A", "C", "C"] * 2,
+            "td": ["A", "B", "C", "D", "A", "B", "C", "C"], "scd": ["B"] * 8}
+    for name, predictions in held.items():
+        write_eval(root, name, predictions, gold=gold, folder="eval/heldout", split="heldout")
+    text = build_report(config).markdown.read_text()
+    main = text.split("### The same models on the held-out split")[0]
+
+    def first_table(markdown: str) -> list[str]:
+        lines = markdown.splitlines()
+        start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+        end = next(i for i in range(start, len(lines)) if not lines[i].startswith("|"))
+        return lines[start:end]
+
+    # the test split's table keeps its numbers
+    assert first_table(main.split("## Results")[1]) == first_table(before.split("## Results")[1])
+    section = text.split("### The same models on the held-out split")[1].split("\n## ")[0]
+    assert "8 rows of the task's pool that no model trained or was validated on" in section
+    rows = {line.split("|")[1].strip(" *").removesuffix(" (best)"): line for line in first_table(section)}
+    # by hand: TD misses one row of 8, the SFT student four, SCD ("B" everywhere) hits the two B rows
+    assert "**0.875 [" in rows["TD"] and "| 0.500 [" in rows["SFT student"] and "| 0.250 [" in rows["SCD"]
+    assert "not run" in rows["CD"] and "eval/heldout/td.json" in rows["TD"]
+    assert "At n = 8 held-out rows" in section

@@ -98,7 +98,9 @@ def test_several_tasks_share_the_base_models_and_end_in_one_table(tmp_path):
         assert jobs[f"{task}_evaluate"] == 4 and jobs[f"{task}_report"] == 1
     assert jobs["demo_prepare_model_teacher"] == jobs["demo_prepare_model_student"] == 1
     assert not any(rule.startswith("smdis_prepare_model") for rule in jobs)
-    assert jobs["demo_multitask_report"] == 1 and sum(jobs.values()) == 2 * 13 + 2 + 1 + 1
+    # smdis (a JMED-LLM task) also scores the same four models on its held-out split; the demo does not
+    assert jobs["smdis_evaluate_heldout"] == 4 and "demo_evaluate_heldout" not in jobs
+    assert jobs["demo_multitask_report"] == 1 and sum(jobs.values()) == 2 * 13 + 4 + 2 + 1 + 1
     # Every task rule names its own task; the table reads both.
     assert any("sft --role teacher --task smdis" in s and "results/smdis/logs" in s for s in shells)
     assert any("report --tasks demo,smdis" in s for s in shells)
@@ -107,7 +109,10 @@ def test_several_tasks_share_the_base_models_and_end_in_one_table(tmp_path):
 def test_one_task_keeps_the_documented_rule_names(tmp_path):
     jobs, shells = dry_run(tmp_path, "task=crade")
     assert {"sft_teacher", "distill", "evaluate", "report", "all"} <= set(jobs)
-    assert (jobs["distill"], jobs["evaluate"], jobs["sft_teacher"]) == (2, 4, 1)
+    assert (jobs["distill"], jobs["evaluate"], jobs["evaluate_heldout"], jobs["sft_teacher"]) == (2, 4, 4, 1)
+    held = [s for s in shells if "--split heldout" in s]
+    assert len(held) == 4 and all("results/crade/logs/heldout/evaluate_" in s for s in held)
+    assert not any("--split heldout" in s for s in shells if "results/crade/logs/evaluate_" in s)
     assert not any("_" in rule and rule.startswith("crade") for rule in jobs)
     assert any("distill --method 'td' --name 'td' --task crade" in s for s in shells)
     assert any("results/crade/logs/report.log" in s for s in shells)

@@ -18,6 +18,17 @@ def default_eval_name(model_path: str | Path) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", name) or "model"
 
 
+# The extra held-out split (prepare-data's data/heldout.parquet) is evaluated beside the test split:
+# its evaluations go to eval/heldout/, so that every model keeps one name on both.
+HELDOUT_SPLIT = "heldout"
+
+
+def eval_subdir(split: str) -> str:
+    """Folder of a split's evaluations under the task: ``eval`` (the test or validation split the
+    config evaluates), ``eval/heldout`` (the extra held-out split)."""
+    return f"eval/{HELDOUT_SPLIT}" if split == HELDOUT_SPLIT else "eval"
+
+
 # Replicates (config ``replicates: N`` > 1): distillation with seed = config seed + s writes
 # students/{name}/seed-{s}; its evaluation is eval/{eval name of name}@seed-{s}. '@' is a character
 # default_eval_name never emits, so a replicate's evaluation can never collide with another model's.

@@ -18,7 +18,7 @@ from scd_pipeline.engine.config import task_dir
 from scd_pipeline.engine.io import atomic_path, json_safe, write_json
 from scd_pipeline.engine.locking import Artifact, plain_name
 from scd_pipeline.engine.models import load_model
-from scd_pipeline.engine.naming import default_eval_name
+from scd_pipeline.engine.naming import HELDOUT_SPLIT, default_eval_name, eval_subdir
 from scd_pipeline.engine.scoring import (
     SAMPLE_METRIC,
     choice_categories,
@@ -27,6 +27,7 @@ from scd_pipeline.engine.scoring import (
     summarise,
 )
 from scd_pipeline.engine.tokenization import check_data_tokenizer
+from scd_pipeline.errors import DataError
 from scd_pipeline.math.metrics import kappa_weights
 
 PREDICTION_COLUMNS = ["sample_id", "tag", "gold", "prediction", "gold_logprob", "gold_tokens", "score"]
@@ -43,7 +44,13 @@ def evaluate(config: dict, model_path: str | Path, split: str | None = None,
     name = name or default_eval_name(model_path)
     data_dir = task_dir(config) / "data"
     split_file = data_dir / f"{split}.parquet"
+    if split == HELDOUT_SPLIT and not split_file.is_file() and (data_dir / "manifest.json").is_file():
+        raise DataError(f"{split_file}: this task's data has no held-out split (data.heldout_size is 0 for it); "
+                        "set data.heldout_size: N and re-run `scd-pipeline prepare-data`")
     frame = read_split(split_file)
+    out_dir = task_dir(config) / eval_subdir(split)
+    if frame.empty and split == HELDOUT_SPLIT:  # the pool left no rows for it (see the manifest)
+        return _write_empty(out_dir, name, config, model_path, split)
     kind = split_kind(frame, str(split_file))
     model, tokenizer = load_model(model_path)
     first_parameter = next(model.parameters())
@@ -55,7 +62,6 @@ def evaluate(config: dict, model_path: str | Path, split: str | None = None,
     categories = choice_categories(frame) if kind == "choice" else []
     weights = kappa_weights(config["task"])
     summary = summarise(predictions, kind, categories, weights)
-    out_dir = task_dir(config) / "eval"
     predictions_file = out_dir / f"{name}.predictions.parquet"
     with atomic_path(predictions_file) as tmp:
         predictions[PREDICTION_COLUMNS].to_parquet(tmp, index=False)
@@ -72,8 +78,22 @@ def evaluate(config: dict, model_path: str | Path, split: str | None = None,
     return out_file
 
 
+def _write_empty(out_dir: Path, name: str, config: dict, model_path, split: str) -> Path:
+    """An evaluation of an empty split: ``n`` 0, no metrics, an empty predictions file."""
+    import pandas as pd
+
+    with atomic_path(out_dir / f"{name}.predictions.parquet") as tmp:
+        pd.DataFrame({column: pd.Series(dtype=object) for column in PREDICTION_COLUMNS}).to_parquet(tmp, index=False)
+    out_file = out_dir / f"{name}.json"
+    write_json(out_file, {"name": name, "model": str(model_path), "task": config["task"], "split": split, "n": 0,
+                          "empty": "the split has no rows (data/manifest.json: heldout)"})
+    return out_file
+
+
 def artifacts(config: dict, *, name: str) -> list[Artifact]:
-    """What ``evaluate --name NAME`` writes: the metrics and the predictions."""
+    """What ``evaluate --name NAME`` writes: the metrics and the predictions (under ``eval/``, or
+    ``eval/heldout/`` for the held-out split)."""
     name = plain_name(name, "--name")
-    metrics = task_dir(config) / "eval" / f"{name}.json"
-    return [Artifact(metrics, (metrics, task_dir(config) / "eval" / f"{name}.predictions.parquet"))]
+    folder = task_dir(config) / eval_subdir(config["evaluate"]["split"])
+    metrics = folder / f"{name}.json"
+    return [Artifact(metrics, (metrics, folder / f"{name}.predictions.parquet"))]

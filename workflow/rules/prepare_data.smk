@@ -1,8 +1,12 @@
 # Stage: task data, tokenised with the teacher's tokenizer.
 
-DATA_FILES = expand(TASK_DIR + "/data/{split}.parquet", split=["train", "val", "test"]) + [
-    TASK_DIR + "/data/manifest.json"
-]
+from scd_pipeline.stages.prepare_data import heldout_size
+
+# The extra held-out split (data.heldout_size; auto: the JMED-LLM tasks), evaluated beside the test.
+HELDOUT = heldout_size(config) > 0
+DATA_FILES = expand(
+    TASK_DIR + "/data/{split}.parquet", split=["train", "val", "test", *(["heldout"] if HELDOUT else [])]
+) + [TASK_DIR + "/data/manifest.json"]
 
 
 rule prepare_data:

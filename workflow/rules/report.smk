@@ -14,8 +14,8 @@ REPORT_CATEGORY = f"task {TASK}"
 
 rule report:
     input:
-        expand(TASK_DIR + "/eval/{name}.json", name=REPORTED_EVAL_NAMES),
-        expand(TASK_DIR + "/eval/{name}.predictions.parquet", name=REPORTED_EVAL_NAMES),
+        expand(TASK_DIR + "/eval{extra}/{name}.json", extra=EVAL_EXTRA, name=REPORTED_EVAL_NAMES),
+        expand(TASK_DIR + "/eval{extra}/{name}.predictions.parquet", extra=EVAL_EXTRA, name=REPORTED_EVAL_NAMES),
         teacher_best_eval,
         TASK_DIR + "/subdomains.json",
         TASK_DIR + "/teacher/checkpoints.json",

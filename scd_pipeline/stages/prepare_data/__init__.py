@@ -34,7 +34,7 @@ from scd_pipeline.engine.splits import (
 )
 from scd_pipeline.engine.tokenization import load_tokenizer, tokenizer_fingerprint
 from scd_pipeline.errors import ConfigError, DataError
-from scd_pipeline.stages.prepare_data.sources import SPLITS, TaskSource, load_task
+from scd_pipeline.stages.prepare_data.sources import JMED_TASKS, SPLITS, TaskSource, load_task
 
 STAGE = "prepare-data"
 
@@ -140,9 +140,46 @@ def check_test_overlap(splits: dict[str, list[Example]], allow: bool) -> None:
           "refuses this)", file=sys.stderr)
 
 
-def select_splits(source: TaskSource, data: dict, seed: int) -> dict[str, list[Example]]:
+JMED_HELDOUT_ROWS = 1000  # data.heldout_size: auto for a JMED-LLM task (its official test has 100 rows)
+HELDOUT = "heldout"
+
+
+def heldout_size(config: dict) -> int:
+    """Rows of the extra held-out split (``data.heldout_size``; ``auto``: 1,000 for the JMED-LLM
+    tasks, none for the others, whose test split is as large as the task makes it)."""
+    size = config["data"].get("heldout_size", 0)
+    if size == "auto":
+        return JMED_HELDOUT_ROWS if config["task"] in JMED_TASKS else 0
+    return int(size)
+
+
+def heldout_rows(unused: Sequence[Example], test: Sequence[Example], size: int, kind: str,
+                 seed: int) -> list[Example]:
+    """Up to ``size`` of the ``unused`` pool rows (in neither train nor val), drawn with the test
+    split's label shares (choice tasks; a label short of rows gives what it has) or at random
+    (list tasks); seeded, returned in pool order."""
+    if size <= 0 or not unused:
+        return []
+    rng = np.random.default_rng([seed, 4])
+    if kind != "choice":
+        chosen = rng.permutation(len(unused))[:size]
+        return [unused[i] for i in sorted(chosen.tolist())]
+    groups: dict[str, list[int]] = {}
+    for index, row in enumerate(unused):
+        groups.setdefault(row.answer, []).append(index)
+    quotas = proportional_quotas(Counter(row.answer for row in test), min(size, len(unused)))
+    chosen = []
+    for answer in sorted(quotas):
+        chosen.extend(rng.permutation(groups.get(answer, []))[: quotas[answer]].tolist())
+    return [unused[i] for i in sorted(chosen)]
+
+
+def select_splits(source: TaskSource, data: dict, seed: int, heldout: int = 0) -> dict[str, list[Example]]:
     """Train/val/test rows: val carved from the pool (unless given), then the training split
-    balanced (``data.balance``) and capped (``data.max_train_samples``, seeded, label shares kept)."""
+    balanced (``data.balance``) and capped (``data.max_train_samples``, seeded, label shares kept);
+    with ``heldout`` > 0 also a held-out split of pool rows that neither uses (``heldout_rows``;
+    none whose question is a training or validation question). It may hold fewer rows than asked,
+    or none, when training and validation use the pool up (the manifest says so)."""
     mode = data["balance"]
     if mode != "none" and source.kind != "choice":
         raise ConfigError(f"config key data.balance: {mode!r} needs class labels; this is a "
@@ -159,7 +196,13 @@ def select_splits(source: TaskSource, data: dict, seed: int) -> dict[str, list[E
         if not rows:
             paths = ", ".join(record["path"] for record in source.files)
             raise DataError(f"the {name} split is empty (sources: {paths}); check the source files")
-    return {"train": train, "val": val, "test": list(source.test)}
+    splits = {"train": train, "val": val, "test": list(source.test)}
+    if heldout > 0:
+        used = {row.source_id for row in train} | {row.source_id for row in val}
+        seen = {row.question for row in train} | {row.question for row in val}
+        unused = [row for row in source.pool if row.sample_id not in used and row.question not in seen]
+        splits[HELDOUT] = heldout_rows(unused, source.test, heldout, source.kind, seed)
+    return splits
 
 
 # --------------------------------------------------------------------------------------------
@@ -186,9 +229,15 @@ def encode_split(rows: Sequence[Example], encoder: PromptEncoder,
 # Writing
 
 
+def split_names(data_dir: str | Path) -> list[str]:
+    """The splits of a data folder: train, val, test, and heldout when it was made."""
+    return [*SPLITS, *([HELDOUT] if (Path(data_dir) / f"{HELDOUT}.parquet").is_file() else [])]
+
+
 def dataset_fingerprint(data_dir: str | Path) -> str:
-    """sha256 over the three split files: of the text ``"train <sha256>\\nval ...\\ntest ...\\n"``."""
-    lines = "".join(f"{name} {sha256_file(Path(data_dir) / f'{name}.parquet')}\n" for name in SPLITS)
+    """sha256 over the split files: of the text ``"train <sha256>\\nval ...\\ntest ...\\n"`` (and
+    ``heldout ...`` when there is one)."""
+    lines = "".join(f"{name} {sha256_file(Path(data_dir) / f'{name}.parquet')}\n" for name in split_names(data_dir))
     return hashlib.sha256(lines.encode("utf-8")).hexdigest()
 
 
@@ -216,7 +265,8 @@ def split_summary(records: Sequence[dict], kind: str) -> dict:
 
 def build_manifest(config: dict, source: TaskSource, encoded: dict[str, list[dict]], tokenizer,
                    tokenizer_path: Path, end_id: int, data_dir: Path) -> dict:
-    summaries = {name: split_summary(encoded[name], source.kind) for name in SPLITS}
+    names = list(encoded)
+    summaries = {name: split_summary(encoded[name], source.kind) for name in names}
     test_questions = {r["question"] for r in encoded["test"]}
     leaked = sum(r["question"] in test_questions for name in ("train", "val") for r in encoded[name])
     return {
@@ -224,16 +274,21 @@ def build_manifest(config: dict, source: TaskSource, encoded: dict[str, list[dic
         "kind": source.kind,
         "sources": source.files,
         "pool": source.pool_info,
-        "split_sizes": {name: summaries[name]["rows"] for name in SPLITS},
-        "label_counts": {name: summaries[name]["label_counts"] for name in SPLITS},
-        "tag_counts": {name: summaries[name]["tag_counts"] for name in SPLITS},
-        "truncated_rows": {name: summaries[name]["truncated_rows"] for name in SPLITS},
-        "token_lengths": {name: summaries[name]["token_lengths"] for name in SPLITS},
+        "split_sizes": {name: summaries[name]["rows"] for name in names},
+        "label_counts": {name: summaries[name]["label_counts"] for name in names},
+        "tag_counts": {name: summaries[name]["tag_counts"] for name in names},
+        "truncated_rows": {name: summaries[name]["truncated_rows"] for name in names},
+        "token_lengths": {name: summaries[name]["token_lengths"] for name in names},
         "test_questions_in_train_val": leaked,
+        **({"heldout": {"asked": heldout_size(config), "rows": len(encoded[HELDOUT]),
+                        "note": "pool rows in neither train nor val, with the test split's label shares"
+                        if len(encoded[HELDOUT]) >= heldout_size(config) else
+                        "fewer rows than asked: training and validation use the rest of the pool"}}
+           if HELDOUT in encoded else {}),
         "tokenizer": {**tokenizer_fingerprint(tokenizer), "path": str(tokenizer_path),
                       "end_of_turn_token": tokenizer.convert_ids_to_tokens(end_id),
                       "end_of_turn_id": end_id},
-        "files": {f"{name}.parquet": sha256_file(data_dir / f"{name}.parquet") for name in SPLITS},
+        "files": {f"{name}.parquet": sha256_file(data_dir / f"{name}.parquet") for name in names},
         "dataset_fingerprint": dataset_fingerprint(data_dir),
         "config": {"task": config["task"], "seed": config["seed"], "data": config["data"]},
     }
@@ -245,7 +300,7 @@ def prepare_data(config: dict, tokenizer_path: Path | None = None) -> Path:
     line: file, row, column) and leaves no output."""
     data = config["data"]
     source = load_task(config)
-    splits = select_splits(source, data, config["seed"])
+    splits = select_splits(source, data, config["seed"], heldout_size(config))
     check_test_overlap(splits, data.get("allow_test_overlap", True))
     tokenizer_path = Path(tokenizer_path) if tokenizer_path else Path(config["results_dir"]) / "models" / "teacher_base"
     tokenizer = load_tokenizer(tokenizer_path)
@@ -258,7 +313,7 @@ def prepare_data(config: dict, tokenizer_path: Path | None = None) -> Path:
                for name, rows in splits.items()}
     out = task_dir(config) / "data"
     with atomic_dir(out) as tmp:
-        for name in SPLITS:
+        for name in encoded:
             write_split(encoded[name], tmp / f"{name}.parquet")
         write_json(tmp / "manifest.json",
                    build_manifest(config, source, encoded, tokenizer, tokenizer_path, end_id, tmp))

@@ -7,7 +7,7 @@ import math
 import re
 import shlex
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,9 @@ from scd_pipeline.engine.config import task_dir
 from scd_pipeline.engine.io import read_json
 from scd_pipeline.engine.methods import method_label
 from scd_pipeline.engine.naming import (
+    HELDOUT_SPLIT,
     default_eval_name,
+    eval_subdir,
     replicate_eval_name,
     replicate_student_name,
     sft_student_dir,
@@ -151,9 +153,10 @@ def replicate_indices(config: dict, root: Path, name: str) -> list[int]:
                   if p.is_dir() and re.fullmatch(r"seed-\d+", p.name))
 
 
-def model_rows(config: dict, root: Path, best_index: int | None) -> list[ModelRow]:
-    """Teacher (T*), SFT student, distilled students, then other evaluations, with their results."""
-    eval_dir = root / "eval"
+def model_rows(config: dict, root: Path, best_index: int | None, eval_dir: Path | None = None) -> list[ModelRow]:
+    """Teacher (T*), SFT student, distilled students, then other evaluations, with their results
+    (from ``eval_dir``: the task's ``eval/`` unless given, e.g. ``eval/heldout/``)."""
+    eval_dir = eval_dir or root / "eval"
     rows: list[ModelRow] = []
     if best_index is None:
         rows.append(ModelRow("Teacher (T*)", "teacher", "",
@@ -369,6 +372,9 @@ class ReportInputs:
     outcomes: pd.DataFrame = field(default_factory=pd.DataFrame)
     tag_evidence: tuple[dict, dict] | None = None
     resolution: Resolution | None = None
+    split_label: str = "test"  # what the rows are called in sentences: test | held-out
+    heldout: ReportInputs | None = None  # the same models on the held-out split (eval/heldout/)
+    heldout_note: str | None = None  # why there is no held-out table though the task asks for one
 
     @property
     def tag_metric(self) -> str:
@@ -449,6 +455,24 @@ def gather_inputs(config: dict, details: bool = True) -> ReportInputs:
         teacher_tests=teacher_tests, schedules=schedules, subdomain_summary=subdomain_summary,
         subdomain_table=subdomain_table, shares=sfs_shares(subdomain_summary, subdomain_table), evidence=evidence,
         curricula=curricula, budgets=budgets, ioa_plan=ioa_plan, synthesis=synthesis)
+    heldout_dir = root / eval_subdir(HELDOUT_SPLIT)
+    manifest = root / "data" / "manifest.json"
+    held_size = (read_json(manifest).get("heldout") or {}).get("rows") if manifest.is_file() else None
+    if held_size == 0:
+        inputs.heldout_note = ("The held-out split is empty: training and validation use every row of the "
+                               "task's pool (data/manifest.json), so there is nothing to evaluate beside the test split.")
+    elif heldout_dir.is_dir() and any(heldout_dir.glob("*.json")):
+        held_rows = [replace(row, folder=eval_subdir(HELDOUT_SPLIT))
+                     for row in model_rows(config, root, best_index, heldout_dir)]
+        held_evidence = gather_evidence(heldout_dir, evaluated_models(config, held_rows, {}), kind, metrics,
+                                        config["task"], config["seed"], settings["resamples"], settings["confidence"],
+                                        reference=held_rows[0].eval_name or None)
+        held_differences = (differences_frame(held_evidence, metrics, primary) if held_evidence is not None
+                            else pd.DataFrame())
+        inputs.heldout = replace(inputs, rows=held_rows, evidence=held_evidence, differences=held_differences,
+                                 frame=results_frame(held_rows, metrics, primary, held_evidence,
+                                                     held_differences if held_evidence is not None else None),
+                                 teacher_tests={}, split_label="held-out")
     if evidence is not None:
         inputs.differences = differences
         if details:

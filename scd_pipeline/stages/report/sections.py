@@ -118,7 +118,7 @@ def conclusion_sentence(inputs: ReportInputs) -> str:
     explored = deltas[deltas["family"] == "exploratory"]
     seeds = seeds_per_method(inputs)
     alpha = 1.0 - evidence.bootstrap.confidence
-    scope = (f"At n = {evidence.n} test rows and {seeds} seed{'s' if seeds > 1 else ''} per distilled "
+    scope = (f"At n = {evidence.n} {inputs.split_label} rows and {seeds} seed{'s' if seeds > 1 else ''} per distilled "
              f"method, ")
     if family.empty:
         text = scope + (f"no difference is confirmatory (the family is {metric} of each distilled method "
@@ -352,6 +352,17 @@ def results_blocks(inputs: ReportInputs, drawn: set[str]) -> list[Block]:
     label = METRIC_LABELS[inputs.tag_metric]
     blocks: list[Block] = [("h2", "Results"), ("table", results_table(inputs)),
                            ("p", conclusion_sentence(inputs))]
+    if inputs.heldout is not None:
+        held = inputs.heldout
+        _, sizes = _evaluated_splits(held.rows)
+        blocks += [("h3", "The same models on the held-out split"),
+                   ("p", f"{', '.join(map(str, sizes)) or 'No'} rows of the task's pool that no model trained or was "
+                         "validated on, drawn with the test split's label shares (`data.heldout_size`); the test "
+                         "split above stays the task's official one, for comparison with published numbers. "
+                         "Intervals, differences and the confirmatory family as above, on these rows."),
+                   ("table", results_table(held)), ("p", conclusion_sentence(held))]
+    elif inputs.heldout_note:
+        blocks += [("h3", "The same models on the held-out split"), ("p", inputs.heldout_note)]
     if inputs.budgets:
         blocks += [("p", "What each distilled student spent: optimizer steps, training tokens (prompt + "
                          "completion, every process), its LR schedule and, for a curriculum, its budget "

@@ -40,6 +40,7 @@ class ModelRow:
     seed_names: dict[int, str] = field(default_factory=dict)  # replicate s -> its eval name
     seed_results: dict[int, dict] = field(default_factory=dict)
     seeds_missing: list[str] = field(default_factory=list)  # "seed-s: command" per absent replicate
+    folder: str = "eval"  # where the evaluation is, under the task (eval/heldout for the held-out split)
 
     @property
     def eval_names(self) -> list[str]:
@@ -51,8 +52,8 @@ class ModelRow:
         if not self.eval_name:
             return "—"
         if self.seed_names:
-            return f"eval/{self.eval_name}{REPLICATE_MARK}seed-{{{','.join(map(str, sorted(self.seed_names)))}}}.json"
-        return f"eval/{self.eval_name}.json"
+            return f"{self.folder}/{self.eval_name}{REPLICATE_MARK}seed-{{{','.join(map(str, sorted(self.seed_names)))}}}.json"
+        return f"{self.folder}/{self.eval_name}.json"
 
 
 def results_frame(rows: Sequence[ModelRow], metrics: Sequence[str], primary: str,
