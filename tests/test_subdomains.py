@@ -21,10 +21,12 @@ from scd_pipeline.math.stats import decompose_gap
 from scd_pipeline.math.weighting import adaptive_weight
 from scd_pipeline.stages import cache_logits as cache
 from scd_pipeline.stages.estimate_subdomains import (
+    carried_by_tag,
     checkpoint_kl_matrix,
     probe_sample_ids,
     subdomain_table,
     summarize_subdomains,
+    tag_means,
 )
 
 
@@ -191,3 +193,47 @@ def test_a_lora_sft_student_is_accepted(estimated, tmp_path):
     original = pd.read_parquet(root / "demo" / "subdomains.parquet")
     # a fresh LoRA adapter (B = 0) is the base model: the same NLLs as the full student it came from
     np.testing.assert_allclose(table["student_sft_nll"], original["student_sft_nll"], atol=1e-5)
+
+
+def test_held_out_by_tag_and_in_sample_estimates_disagree_where_the_models_memorised():
+    """Two training rows of tag m that the SFT student memorised: in sample its NLL (0.1) is below
+    T*'s (0.5), so they are student-favoured. On the validation rows of m, which neither model
+    trained on, the student's mean NLL is 2.0 and T*'s 1.0: held out by tag they are teacher-
+    favoured, and AW = 2 / (2 + 1). Tag z has no validation rows: it takes the all-row means."""
+    samples = pd.DataFrame({"sample_id": ["a", "b", "c"], "tag": ["m", "m", "z"]})
+    in_sample = subdomain_table(samples, samples.assign(nll_mean=0.1, score=1.0),
+                                {2: samples.assign(nll_mean=0.5, score=1.0)}, 2)
+    assert in_sample["sfs"].tolist() == [True, True, True]
+    val_tags = ["m", "m", "n"]
+    student = tag_means(val_tags, pd.DataFrame({"nll_mean": [1.5, 2.5, 4.0], "score": [0.0, 1.0, 0.0]}))
+    best = tag_means(val_tags, pd.DataFrame({"nll_mean": [0.5, 1.5, 1.0], "score": [1.0, 1.0, 1.0]}))
+    assert student.loc["m"].tolist() == [2.0, 0.5] and best.loc["(all tags)"].tolist() == [1.0, 1.0]
+    held = subdomain_table(samples, carried_by_tag(samples, student), {2: carried_by_tag(samples, best)}, 2)
+    assert held["sfs"].tolist() == [False, False, False]
+    np.testing.assert_allclose(held["aw_ckpt_2"], [2 / 3, 2 / 3, (8 / 3) / (8 / 3 + 1)])
+    assert held["student_sft_score"].tolist() == [0.5, 0.5, 1 / 3]
+
+
+def test_the_stage_estimates_held_out_by_tag_on_the_validation_rows(estimated, tmp_path):
+    import shutil
+
+    root, _ = estimated
+    copy = tmp_path / "results"
+    shutil.copytree(root, copy, copy_function=shutil.copy2)
+    train = read_split(copy / "demo" / "data" / "train.parquet")
+    val = train.iloc[:8].assign(sample_id=[f"v{i}" for i in range(8)])
+    val.to_parquet(copy / "demo" / "data" / "val.parquet", index=False)
+    result = CliRunner().invoke(app, ["estimate-subdomains", "--results-dir", str(copy), "--task", "demo",
+                                      "--set", f"cache.top_k={VOCAB}", "--set", "cache.dtype=fp32",
+                                      "--set", "subdomains.estimate=heldout_tag"])
+    assert result.exit_code == 0, result.output
+    table = pd.read_parquet(copy / "demo" / "subdomains.parquet")
+    summary = json.loads((copy / "demo" / "subdomains.json").read_text())
+    assert summary["estimate"] == "heldout_tag" and summary["heldout"]["rows"] == 8
+    for column, model_dir in (("student_sft_nll", copy / "demo" / "student_sft"),
+                              ("nll_ckpt_1", copy / "demo" / "teacher" / "ckpt-1")):
+        model, tokenizer = load_model(model_dir, device="cpu")
+        scored = predict_split(model, tokenizer, val, batch_size=5, max_new_tokens=64)
+        nll = (-scored["gold_logprob"] / scored["gold_tokens"]).groupby(scored["tag"]).mean()
+        np.testing.assert_allclose(table[column], nll.loc[table["tag"]].to_numpy(), atol=1e-5)
+    assert (table["sfs"] == (table["student_sft_nll"] < table["nll_ckpt_2"])).all()

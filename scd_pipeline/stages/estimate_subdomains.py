@@ -19,6 +19,12 @@ temperature 1, for the student and the teacher alike.
   at temperature 1, its tail spread uniformly over the ids it does not list), averaged over all
   completion tokens of the probe set, for every pair; the row of T* is the KL(T* || c) term that
   SCD distillation reads from ``subdomains.json``.
+- Where the NLL comes from (``subdomains.estimate``): ``in_sample`` (the paper) takes each row's
+  own NLL, although the SFT student and every checkpoint trained on that row, so a model that
+  memorised it looks competent there; ``heldout_tag`` gives every row its tag's mean NLL and mean
+  score over the validation split, which no model trained on (T* and the SFT student are scored
+  there once per checkpoint), so SFS/TFS and AW say where each model is better on rows it did not
+  see, at the resolution of a tag (a tag without validation rows takes the all-tag mean).
 - Probe set: ``subdomains.probe_size`` sample ids drawn with ``random.Random(seed)`` from the
   split's ids in sorted order (all of them when the split is smaller), listed sorted in
   ``subdomains.json`` so distillation measures KL(S_k || c) on the same samples.
@@ -119,6 +125,61 @@ def summarize_subdomains(table: pd.DataFrame, best_index: int) -> dict:
     }
 
 
+ALL_TAGS = "(all tags)"  # tag_means' row of the all-row means
+
+
+def tag_means(tags: Sequence[str], stats: pd.DataFrame) -> pd.DataFrame:
+    """Mean ``nll_mean`` and ``score`` per tag of per-sample ``stats`` (rows in ``tags`` order),
+    plus the all-row means as the row ``ALL_TAGS`` (for tags without rows)."""
+    frame = stats[["nll_mean", "score"]].reset_index(drop=True).assign(tag=[str(t) for t in tags])
+    means = frame.groupby("tag", sort=True)[["nll_mean", "score"]].mean()
+    means.loc[ALL_TAGS] = frame[["nll_mean", "score"]].mean()
+    return means
+
+
+def carried_by_tag(samples: pd.DataFrame, means: pd.DataFrame) -> pd.DataFrame:
+    """Per-sample stats for ``samples`` (``sample_id, tag``): each row gets its tag's means (the
+    all-row means when its tag has none)."""
+    rows = [means.loc[str(tag) if str(tag) in means.index else ALL_TAGS] for tag in samples["tag"]]
+    return pd.DataFrame({"sample_id": samples["sample_id"].to_numpy(),
+                         "nll_mean": [float(r["nll_mean"]) for r in rows],
+                         "score": [float(r["score"]) for r in rows]})
+
+
+def _scored_stats(model, tokenizer, frame: pd.DataFrame, config: dict, where: str) -> pd.DataFrame:
+    scored = predict_split(model, tokenizer, frame, config["cache"]["batch_size"],
+                           config["evaluate"]["max_new_tokens"], where=where)
+    return pd.DataFrame({"sample_id": scored["sample_id"], "nll_mean": -scored["gold_logprob"] / scored["gold_tokens"],
+                         "score": scored["score"]})
+
+
+def heldout_tag_stats(config: dict, frame: pd.DataFrame, student, tokenizer, checkpoints: dict,
+                      indices: Sequence[int]) -> tuple[pd.DataFrame, dict[int, pd.DataFrame], dict]:
+    """``subdomains.estimate: heldout_tag``: the SFT student's and every checkpoint's per-tag means
+    on the validation split, carried to the rows of ``frame``; and what was measured."""
+    from scd_pipeline.engine.checkpoints import checkpoint_entry
+    from scd_pipeline.engine.models import load_model
+
+    root = task_dir(config)
+    val_file = root / "data" / "val.parquet"
+    val = read_split(val_file)
+    if val.empty:
+        raise DataError(f"{val_file}: no validation rows, which subdomains.estimate: heldout_tag measures on; "
+                        "use in_sample or a task with a validation split")
+    samples = frame[["sample_id", "tag"]]
+    means = {"student": tag_means(val["tag"], _scored_stats(student, tokenizer, val, config, str(val_file)))}
+    for index in indices:
+        model, teacher_tokenizer = load_model(root / "teacher" / checkpoint_entry(checkpoints, index)["path"])
+        means[index] = tag_means(val["tag"], _scored_stats(model, teacher_tokenizer, val, config, str(val_file)))
+        del model
+    missing = sorted({str(t) for t in samples["tag"]} - {str(t) for t in val["tag"]})
+    record = {"split": "val", "rows": len(val), "tags_without_rows": missing,
+              "per_tag_nll": {str(key): {str(tag): float(v) for tag, v in m["nll_mean"].items()}
+                              for key, m in means.items()}}
+    return (carried_by_tag(samples, means["student"]),
+            {index: carried_by_tag(samples, means[index]) for index in indices}, record)
+
+
 def checkpoint_kl_matrix(caches: Mapping[int, LogitCache], probe_ids: Sequence[str]) -> dict[int, dict[int, float]]:
     """``{a: {b: KL(a || b)}}`` between every pair of checkpoint caches: mean over all completion
     tokens of the probe samples of :func:`scd_pipeline.math.schedules.cache_kl`."""
@@ -157,14 +218,16 @@ def estimate_subdomains(config: dict, synthetic: bool = False) -> dict:
         raise ModelError(f"{student_dir}: SFT student not found (run `scd-pipeline sft --role student` first)")
     caches = {index: open_task_cache(config, index, load_tokenizer(student_dir), synthetic) for index in indices}
     model, tokenizer = load_model(student_dir)
-    scored = predict_split(model, tokenizer, frame, config["cache"]["batch_size"],
-                           config["evaluate"]["max_new_tokens"], where=str(root / "data" / f"{split}.parquet"))
-    student = pd.DataFrame({"sample_id": scored["sample_id"],
-                            "nll_mean": -scored["gold_logprob"] / scored["gold_tokens"],
-                            "score": scored["score"]})
-    table = subdomain_table(frame, student, {k: cache.stats() for k, cache in caches.items()}, best)
+    estimate = config["subdomains"].get("estimate", "in_sample")
+    heldout = None
+    if estimate == "heldout_tag":
+        student, teacher_stats, heldout = heldout_tag_stats(config, frame, model, tokenizer, checkpoints, indices)
+    else:
+        student = _scored_stats(model, tokenizer, frame, config, str(root / "data" / f"{split}.parquet"))
+        teacher_stats = {k: cache.stats() for k, cache in caches.items()}
+    table = subdomain_table(frame, student, teacher_stats, best)
     summary = {
-        "task": config["task"], "split": split,
+        "task": config["task"], "split": split, "estimate": estimate, **({"heldout": heldout} if heldout else {}),
         **(summarize_subdomains(table, best) if len(table) else {"best_index": best, "samples": 0}),
         "caches": {str(k): {"path": str(c.path), "uid": c.meta["uid"], "k": c.k} for k, c in caches.items()},
     }

@@ -568,6 +568,10 @@ def subdomain_blocks(inputs: ReportInputs, drawn: set[str]) -> list[Block]:
         blocks.append(("list", [
             f"SFS share {fmt(summary['sfs_share'])} of {summary['samples']} samples "
             f"({summary.get('split', '?')} split); rule: {summary.get('rule', 'n/a')}",
+            "NLL per row: " + ("its tag's mean over the validation rows, which no model trained on "
+                               "(`subdomains.estimate: heldout_tag`)" if summary.get("estimate") == "heldout_tag" else
+                               "the row's own, under models that trained on it (`subdomains.estimate: in_sample`, "
+                               "the paper's)"),
             _decomposition_line("Loss (gold NLL)", summary["loss"]),
             _decomposition_line("Error (1 - score)", summary["metric"])]))
     if shares is not None:
