@@ -117,7 +117,7 @@ def test_every_label_is_label_case_of_the_cue_record(default_cases, default_rows
 def test_rows_have_the_documented_fields_and_unique_stable_ids(default_rows):
     ids = [row["sample_id"] for row in default_rows]
     assert len(set(ids)) == len(ids)
-    assert ids[:2] == ["demo-00000", "demo-00001"] and ids[-1] == "demo-02399"
+    assert ids[:2] == ["demo-00000", "demo-00001"] and ids[-1] == f"demo-{DEFAULT['n_examples'] - 1:05d}"
     row = default_rows[0]
     assert set(row) == ROW_KEYS and row["choices"] == ["A", "B", "C", "D"]
     lines = row["question"].split("\n")
