@@ -16,7 +16,7 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from scd_pipeline.errors import ScdError
+from scd_pipeline.errors import ConfigError, ScdError
 
 
 class _OneLineErrors(TyperGroup):
@@ -452,19 +452,24 @@ def evaluate_command(
     import json
 
     try:
-        cfg = build_config(config, set_, task=task, results_dir=str(results_dir) if results_dir else None,
-                           **{"evaluate.split": split, "evaluate.batch_size": batch_size,
-                              "evaluate.max_new_tokens": max_new_tokens})
-        from scd_pipeline.engine.naming import default_eval_name
+        from scd_pipeline.engine.naming import HELDOUT_SPLIT, default_eval_name
         from scd_pipeline.stages.evaluate import evaluate
 
-        with _lock("evaluate", cfg, name=name or default_eval_name(model)):
-            out = evaluate(cfg, model, name=name)
+        if split not in (None, "test", "val", HELDOUT_SPLIT):
+            raise ConfigError(f"--split {split!r}: expected test, val or {HELDOUT_SPLIT}")
+        # the held-out split is a per-command choice (eval/heldout/), not a config value
+        held = split == HELDOUT_SPLIT
+        cfg = build_config(config, set_, task=task, results_dir=str(results_dir) if results_dir else None,
+                           **{"evaluate.split": None if held else split, "evaluate.batch_size": batch_size,
+                              "evaluate.max_new_tokens": max_new_tokens})
+        split = split or cfg["evaluate"]["split"]
+        with _lock("evaluate", cfg, name=name or default_eval_name(model), split=split):
+            out = evaluate(cfg, model, split=split, name=name)
     except ScdError as exc:
         _fail(str(exc))
-    metrics = json.loads(out.read_text(encoding="utf-8"))["metrics"]
-    shown = ", ".join(f"{key} {value:.4f}" for key, value in metrics.items() if value is not None)
-    typer.echo(f"wrote {out}: {shown}")
+    result = json.loads(out.read_text(encoding="utf-8"))
+    shown = ", ".join(f"{key} {value:.4f}" for key, value in result.get("metrics", {}).items() if value is not None)
+    typer.echo(f"wrote {out}: {shown or result.get('empty', 'no metrics')}")
 
 
 @app.command("report")

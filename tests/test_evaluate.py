@@ -311,6 +311,15 @@ def test_cli_evaluate_writes_outputs_and_reports_errors_in_one_line(tmp_path):
     report = json.loads((tmp_path / "demo" / "eval" / "teacher-ckpt-2.json").read_text())
     assert report["split"] == "val" and report["n"] == 4 and "accuracy" in result.output
 
+    # the held-out split: into eval/heldout/; an empty one says so instead of metrics
+    pd.DataFrame(choice_rows(tokenizer, 0, 4)).iloc[:0].to_parquet(tmp_path / "demo" / "data" / "heldout.parquet")
+    held = runner.invoke(app, ["evaluate", "--model", str(model_dir), "--task", "demo", "--split", "heldout",
+                               "--results-dir", str(tmp_path)])
+    assert held.exit_code == 0, held.output
+    assert "eval/heldout/teacher-ckpt-2.json" in held.output and "the split has no rows" in held.output
+    typo = runner.invoke(app, ["evaluate", "--model", str(model_dir), "--split", "tset", "--results-dir", str(tmp_path)])
+    assert typo.exit_code == 2 and typo.output.strip() == "error: --split 'tset': expected test, val or heldout"
+
     missing = runner.invoke(app, ["evaluate", "--model", str(tmp_path / "nope"), "--split", "val",
                                   "--results-dir", str(tmp_path)])
     assert missing.exit_code == 2

@@ -90,10 +90,10 @@ def _write_empty(out_dir: Path, name: str, config: dict, model_path, split: str)
     return out_file
 
 
-def artifacts(config: dict, *, name: str) -> list[Artifact]:
-    """What ``evaluate --name NAME`` writes: the metrics and the predictions (under ``eval/``, or
-    ``eval/heldout/`` for the held-out split)."""
+def artifacts(config: dict, *, name: str, split: str | None = None) -> list[Artifact]:
+    """What ``evaluate --name NAME [--split SPLIT]`` writes: the metrics and the predictions (under
+    ``eval/``, or ``eval/heldout/`` for the held-out split)."""
     name = plain_name(name, "--name")
-    folder = task_dir(config) / eval_subdir(config["evaluate"]["split"])
+    folder = task_dir(config) / eval_subdir(split or config["evaluate"]["split"])
     metrics = folder / f"{name}.json"
     return [Artifact(metrics, (metrics, folder / f"{name}.predictions.parquet"))]

@@ -135,7 +135,7 @@ class CurriculumRecipe(DistillRecipe):
                 if len(fresh) < take:  # spent: the unit's items come round again
                     repeated += take - len(fresh)
                     used[:] = [row for row in used if row not in set(items)]
-                    fresh += [row for row in items if row not in set(fresh)][: take - len(fresh)]
+                    fresh += [row for row in items if row in seen][: take - len(fresh)]
                 remedial += fresh[:take]
                 used += fresh[:take]
         count = replay_count(len(rows) + len(remedial), len(pool), self.ioa["replay_share"])

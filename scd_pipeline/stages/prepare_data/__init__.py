@@ -263,6 +263,13 @@ def split_summary(records: Sequence[dict], kind: str) -> dict:
     }
 
 
+def heldout_record(asked: int, rows: int) -> dict:
+    """The manifest's ``heldout``: rows asked and made, and why they differ when they do."""
+    return {"asked": asked, "rows": rows,
+            "note": "pool rows in neither train nor val, with the test split's label shares" if rows >= asked
+            else "fewer rows than asked: training and validation use the rest of the pool"}
+
+
 def build_manifest(config: dict, source: TaskSource, encoded: dict[str, list[dict]], tokenizer,
                    tokenizer_path: Path, end_id: int, data_dir: Path) -> dict:
     names = list(encoded)
@@ -280,11 +287,7 @@ def build_manifest(config: dict, source: TaskSource, encoded: dict[str, list[dic
         "truncated_rows": {name: summaries[name]["truncated_rows"] for name in names},
         "token_lengths": {name: summaries[name]["token_lengths"] for name in names},
         "test_questions_in_train_val": leaked,
-        **({"heldout": {"asked": heldout_size(config), "rows": len(encoded[HELDOUT]),
-                        "note": "pool rows in neither train nor val, with the test split's label shares"
-                        if len(encoded[HELDOUT]) >= heldout_size(config) else
-                        "fewer rows than asked: training and validation use the rest of the pool"}}
-           if HELDOUT in encoded else {}),
+        **({"heldout": heldout_record(heldout_size(config), len(encoded[HELDOUT]))} if HELDOUT in encoded else {}),
         "tokenizer": {**tokenizer_fingerprint(tokenizer), "path": str(tokenizer_path),
                       "end_of_turn_token": tokenizer.convert_ids_to_tokens(end_id),
                       "end_of_turn_id": end_id},
